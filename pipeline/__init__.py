@@ -1,0 +1,1 @@
+"""How the stages run: catalog, cache, stores, cluster, runner and the command line."""

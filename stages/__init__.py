@@ -1,0 +1,1 @@
+"""What each stage does: datasets, download, features, match, evaluate, report."""

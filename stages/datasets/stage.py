@@ -1,0 +1,92 @@
+"""The normalize stage: turn each dataset's raw files into ``images.parquet`` and ``pairs.parquet``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.cache import Ledger, atomic_path
+from pipeline.context import StageContext, StageStatus
+from pipeline.errors import StageError
+from stages.datasets import dataset_module
+from stages.datasets.common import BadItems
+from stages.datasets.schema import BAD_ITEMS_SCHEMA, IMAGES_SCHEMA, PAIRS_SCHEMA
+from stages.download import stage as download_stage
+
+log = logging.getLogger(__name__)
+
+UNIT = "normalized"
+TABLES = ("images.parquet", "pairs.parquet", "bad_items.parquet")
+
+
+def run(ctx: StageContext) -> None:
+    """Normalise every selected dataset whose tables are missing (all of them with ``--force``)."""
+    for name in ctx.datasets:
+        out_dir = ctx.catalog.normalized_dir(name)
+        ledger = Ledger(out_dir / ".done")
+        if ledger.is_done(UNIT) and not ctx.options.force:
+            log.info("normalize %s: already done", name)
+            continue
+        if not download_stage.status(ctx, name).complete:
+            raise StageError(
+                f"dataset {name!r} is not downloaded yet; run `pipeline run --stage download --dataset {name}`"
+            )
+        ledger.clear(UNIT)
+        images, pairs, bad = normalize_dataset(ctx, name)
+        _check_references(name, images, pairs)
+        for table, filename, schema in (
+            (images, TABLES[0], IMAGES_SCHEMA),
+            (pairs, TABLES[1], PAIRS_SCHEMA),
+            (pa.Table.from_pylist(bad.rows(), schema=BAD_ITEMS_SCHEMA), TABLES[2], BAD_ITEMS_SCHEMA),
+        ):
+            with atomic_path(out_dir / filename) as tmp:
+                pq.write_table(table.cast(schema), tmp)
+        ledger.mark_done(UNIT, {"images": images.num_rows, "pairs": pairs.num_rows, "bad_items": len(bad.items)})
+        if bad.items:
+            log.warning(
+                "normalize %s: %d bad item(s) skipped, listed in %s",
+                name,
+                len(bad.items),
+                out_dir / TABLES[2],
+            )
+        log.info("normalize %s: %d images, %d pairs", name, images.num_rows, pairs.num_rows)
+
+
+def normalize_dataset(ctx: StageContext, name: str) -> tuple[pa.Table, pa.Table, BadItems]:
+    """Run the dataset's normaliser over its raw folder; returns (images, pairs, bad items)."""
+    spec = ctx.catalog.dataset(name)
+    bad = BadItems(dataset=name, skip_bad=ctx.options.skip_bad)
+    images, pairs = dataset_module(spec.kind).normalize(ctx.catalog.raw_dir(name), spec, bad)
+    return images, pairs, bad
+
+
+def _check_references(name: str, images: pa.Table, pairs: pa.Table) -> None:
+    """Every pair must point at images in the images table, and ids must be unique."""
+    image_ids = images.column("image_id").to_pylist()
+    if len(set(image_ids)) != len(image_ids):
+        raise StageError(f"dataset {name!r}: the normaliser produced duplicate image ids")
+    pair_ids = pairs.column("pair_id").to_pylist()
+    if len(set(pair_ids)) != len(pair_ids):
+        raise StageError(f"dataset {name!r}: the normaliser produced duplicate pair ids")
+    known = set(image_ids)
+    for column in ("src_image_id", "trg_image_id"):
+        missing = set(pairs.column(column).to_pylist()) - known
+        if missing:
+            raise StageError(f"dataset {name!r}: pairs reference unknown images, e.g. {sorted(missing)[0]!r}")
+
+
+def status(ctx: StageContext, dataset: str) -> StageStatus:
+    """Done when both tables are committed."""
+    out_dir = ctx.catalog.normalized_dir(dataset)
+    record = Ledger(out_dir / ".done").record(UNIT)
+    if record is None:
+        return StageStatus(0, 1)
+    return StageStatus(1, 1, f"{record['images']} images, {record['pairs']} pairs, {record['bad_items']} bad")
+
+
+def read_tables(out_dir: Path) -> tuple[pa.Table, pa.Table]:
+    """Read a dataset's normalised ``(images, pairs)`` tables."""
+    return pq.read_table(out_dir / TABLES[0]), pq.read_table(out_dir / TABLES[1])

@@ -1,0 +1,92 @@
+"""PCK: each benchmark's threshold, the <= comparison, and per-image vs per-keypoint averages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stages.evaluate.pck import (
+    aggregate_pck,
+    correct_keypoints,
+    keypoint_errors,
+    pck_per_pair,
+    pck_threshold,
+    reference_length,
+)
+
+
+def test_trg_bbox_threshold_uses_the_longer_bbox_side() -> None:
+    # w = 110 - 10 = 100, h = 70 - 20 = 50
+    assert pck_threshold("trg_bbox", alpha=0.1, trg_bbox=[10, 20, 110, 70]) == pytest.approx(10.0)
+    # a tall box: h wins
+    assert pck_threshold("trg_bbox", alpha=0.1, trg_bbox=[0, 0, 30, 80]) == pytest.approx(8.0)
+
+
+def test_trg_image_threshold_uses_the_longer_image_side() -> None:
+    assert pck_threshold("trg_image", alpha=0.05, trg_image_size=(640, 480)) == pytest.approx(32.0)
+    assert pck_threshold("trg_image", alpha=0.1, trg_image_size=(300, 500)) == pytest.approx(50.0)
+
+
+def test_trg_kps_threshold_uses_the_larger_keypoint_extent() -> None:
+    kps = [[5, 10], [35, 15], [15, 50]]  # x extent 30, y extent 40
+    assert pck_threshold("trg_kps", alpha=0.1, trg_kps=kps) == pytest.approx(4.0)
+    assert reference_length("trg_kps", trg_kps=kps) == 40.0
+
+
+def test_unknown_kind_and_missing_inputs_are_rejected() -> None:
+    with pytest.raises(ValueError, match=r"unknown PCK threshold kind 'src_bbox'; expected one of trg_bbox"):
+        pck_threshold("src_bbox", alpha=0.1, trg_bbox=[0, 0, 1, 1])
+    with pytest.raises(ValueError, match="'trg_bbox' needs trg_bbox, which was not given"):
+        pck_threshold("trg_bbox", alpha=0.1, trg_image_size=(10, 10))
+    with pytest.raises(ValueError, match=r"trg_image_size must have shape \[2\]"):
+        pck_threshold("trg_image", alpha=0.1, trg_image_size=(10, 10, 3))
+    with pytest.raises(ValueError, match="non-positive reference length"):
+        pck_threshold("trg_kps", alpha=0.1, trg_kps=[[3, 4]])
+
+
+def test_error_equal_to_the_threshold_counts_as_correct() -> None:
+    pred = np.array([[3.0, 4.0], [0.0, 6.0], [1.0, 1.0]])
+    true = np.zeros((3, 2))
+    errors = keypoint_errors(pred, true)
+    np.testing.assert_allclose(errors, [5.0, 6.0, np.sqrt(2)])
+    threshold = pck_threshold("trg_image", alpha=0.125, trg_image_size=(40, 30))  # exactly 5.0
+    assert threshold == 5.0
+    np.testing.assert_array_equal(correct_keypoints(errors, threshold), [True, False, True])
+    assert pck_per_pair(errors, threshold) == pytest.approx(2 / 3)
+
+
+def test_several_alphas_at_once() -> None:
+    errors = np.array([1.0, 4.0, 9.0])
+    thresholds = np.array([0.05, 0.1, 0.2]) * reference_length("trg_bbox", trg_bbox=[0, 0, 50, 20])
+    assert correct_keypoints(errors, thresholds).shape == (3, 3)
+    np.testing.assert_allclose(pck_per_pair(errors, thresholds), [1 / 3, 2 / 3, 1.0])
+
+
+def test_pair_without_keypoints_has_no_pck() -> None:
+    assert np.isnan(pck_per_pair(np.zeros(0), 5.0))
+
+
+def test_per_image_and_per_keypoint_averages_differ() -> None:
+    # pair A: 1 of 1 correct; pair B: 1 of 4 correct; pair C: no keypoints (left out of both)
+    averages = aggregate_pck(np.array([1, 1, 0]), np.array([1, 4, 0]))
+    assert averages.per_image == pytest.approx((1.0 + 0.25) / 2)
+    assert averages.per_keypoint == pytest.approx(2 / 5)
+    assert (averages.n_pairs, averages.n_keypoints) == (2, 5)
+
+
+def test_aggregate_keeps_the_alpha_axis() -> None:
+    counts = np.array([[0, 1], [2, 4]])  # [P=2, A=2]
+    averages = aggregate_pck(counts, np.array([1, 4]))
+    np.testing.assert_allclose(averages.per_image, [(0 + 0.5) / 2, (1 + 1) / 2])
+    np.testing.assert_allclose(averages.per_keypoint, [2 / 5, 5 / 5])
+
+
+def test_aggregate_with_no_keypoints_at_all_is_nan() -> None:
+    averages = aggregate_pck(np.array([0]), np.array([0]))
+    assert np.isnan(averages.per_image) and np.isnan(averages.per_keypoint)
+    assert averages.n_pairs == 0
+
+
+def test_aggregate_rejects_counts_above_the_keypoints() -> None:
+    with pytest.raises(ValueError, match="between 0 and the pair's number of keypoints"):
+        aggregate_pck(np.array([3]), np.array([2]))

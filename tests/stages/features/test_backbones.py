@@ -1,0 +1,273 @@
+"""Tests of the patch-feature backbones: shapes, layers, key parameters, weights files, hub errors, DAISY."""
+
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from stages.features.backbones import (
+    BACKBONE_NAMES,
+    DINOV2_MODELS,
+    BackboneError,
+    backbone_key_params,
+    create_backbone,
+)
+from stages.features.canvas import IMAGENET_MEAN, IMAGENET_STD, CanvasTransform, image_to_canvas
+
+REPO = Path(__file__).resolve().parents[3]
+SMALL = "vit_small_patch14_dinov2.lvd142m"
+SMALL_REG4 = "vit_small_patch14_reg4_dinov2.lvd142m"
+BLOCK_KEYS = (
+    "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+    "ls1.gamma", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",
+    "mlp.fc2.bias", "ls2.gamma",
+)  # fmt: skip
+
+
+def canvases(size: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """Random normalised canvases [batch, 3, size, size]."""
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def random_vit(model: str = SMALL, *, layer: str = "prenorm", size: int = 56):
+    return create_backbone(model, weights="random", image_size=size, layer=layer, flip=False)
+
+
+def scrambled(backbone):
+    """A copy of a random ViT whose every weight matters: layer scales near 1, so a misloaded block shows."""
+    backbone = copy.deepcopy(backbone)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in backbone.model.named_parameters():
+            centre = 1.0 if name.endswith(("gamma", "norm1.weight", "norm2.weight", "norm.weight")) else 0.0
+            parameter.copy_(centre + 0.1 * torch.randn(parameter.shape, generator=generator))
+    return backbone
+
+
+def to_original_layout(state: dict[str, torch.Tensor], *, depth: int) -> dict[str, torch.Tensor]:
+    """The facebookresearch/dinov2 checkpoint layout of a timm DINOv2 state dict, written out key by key."""
+    original = {
+        "patch_embed.proj.weight": state["patch_embed.proj.weight"],
+        "patch_embed.proj.bias": state["patch_embed.proj.bias"],
+        "norm.weight": state["norm.weight"],
+        "norm.bias": state["norm.bias"],
+        "mask_token": torch.zeros(1, state["cls_token"].shape[-1]),
+    }
+    for block in range(depth):
+        for name in BLOCK_KEYS:
+            original[f"blocks.{block}.{name}"] = state[f"blocks.{block}.{name}"]
+    if "reg_token" in state:
+        # The original adds a class position to the class token; timm folds it into cls_token.
+        class_position = torch.randn(1, 1, state["cls_token"].shape[-1])
+        original["register_tokens"] = state["reg_token"]
+        original["cls_token"] = state["cls_token"] - class_position
+        original["pos_embed"] = torch.cat([class_position, state["pos_embed"]], dim=1)
+    else:
+        original["cls_token"] = state["cls_token"]
+        original["pos_embed"] = state["pos_embed"]
+    copied = {key for key in state if key in original} | {"reg_token"} & set(state)
+    assert copied == set(state), f"keys left out of the conversion: {set(state) - copied}"
+    return original
+
+
+@pytest.fixture(scope="module")
+def small():
+    return random_vit(SMALL)
+
+
+@pytest.fixture(scope="module")
+def reg4():
+    return random_vit(SMALL_REG4)
+
+
+@pytest.fixture(scope="module")
+def x56():
+    return canvases(56)
+
+
+@pytest.fixture(scope="module")
+def small_source(small, x56):
+    """A scrambled ViT-S/14 at canvas 56, its prenorm and norm tokens of ``x56``."""
+    source = scrambled(small)
+    with torch.inference_mode():
+        normed = source.model.forward_features(x56)[:, 1:].reshape(2, 4, 4, 384)
+    return source, source(x56), normed
+
+
+@pytest.fixture(scope="module")
+def reg4_source(reg4, x56):
+    source = scrambled(reg4)
+    with torch.inference_mode():
+        normed = source.model.forward_features(x56)[:, 5:].reshape(2, 4, 4, 384)
+    return source, source(x56), normed
+
+
+def test_registry_names_are_timms_own():
+    assert set(DINOV2_MODELS) <= set(timm.list_pretrained("*dinov2*"))
+    assert len(DINOV2_MODELS) == 8 and BACKBONE_NAMES[-1] == "daisy"
+
+
+def test_random_vit_tokens_have_the_patch_grid_shape(small, reg4, x56):
+    for backbone, x in ((small, x56), (reg4, x56), (random_vit(size=112), canvases(112, batch=1))):
+        tokens = backbone(x)
+        size = x.shape[-1]
+        assert (backbone.patch_size, backbone.dim, backbone.grid_size) == (14, 384, size // 14)
+        assert tokens.shape == (len(x), size // 14, size // 14, 384) and tokens.dtype == torch.float32
+        assert backbone.random_weights and backbone.key_params()["weights"] == "random:0"
+        assert "-RANDOM-" in backbone.key()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_timm_weights_file_reproduces_the_saving_model(small_source, x56, tmp_path, suffix):
+    source, prenorm, normed = small_source
+    path = tmp_path / f"vits14{suffix}"
+    state = source.model.state_dict()
+    safetensors.torch.save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
+    layer = "prenorm" if suffix == ".pth" else "norm"
+    loaded = create_backbone(SMALL, weights=str(path), image_size=56, layer=layer, flip=False)
+    torch.testing.assert_close(loaded(x56), prenorm if layer == "prenorm" else normed, rtol=0, atol=0)
+    assert not loaded.random_weights and "RANDOM" not in loaded.key()
+
+
+def test_prenorm_is_the_last_block_before_the_final_norm(small_source):
+    source, prenorm, normed = small_source
+    with torch.inference_mode():
+        torch.testing.assert_close(source.model.norm(prenorm), normed)
+    assert not torch.allclose(prenorm, normed, atol=1e-2)
+
+
+def test_flipped_tokens_are_those_of_the_mirrored_canvas_on_the_original_grid(small):
+    x = canvases(56, batch=1)
+    mirrored = small(torch.from_numpy(x.numpy()[..., ::-1].copy())).numpy()
+    flipped = small.flipped(x)
+    torch.testing.assert_close(flipped, torch.from_numpy(mirrored[:, :, ::-1].copy()))
+    assert not torch.allclose(flipped, torch.from_numpy(mirrored))
+
+
+def test_key_params_change_with_everything_that_changes_the_numbers(small, tmp_path):
+    weights_a, weights_b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    safetensors.torch.save_file({"x": torch.zeros(2)}, weights_a)
+    safetensors.torch.save_file({"x": torch.ones(2)}, weights_b)
+    base = {"weights": "random", "image_size": 56, "layer": "prenorm", "flip": False, "device": "cpu"}
+    variants = [
+        {}, {"weights": "random:1"}, {"weights": str(weights_a)}, {"weights": str(weights_b)},
+        {"weights": "hub"}, {"image_size": 112}, {"layer": "norm"}, {"flip": True}, {"device": "cuda"},
+    ]  # fmt: skip
+    keys = [backbone_key_params(SMALL, **(base | change)) for change in variants]
+    keys.append(backbone_key_params(SMALL_REG4, **base))
+    keys.append(backbone_key_params("daisy", **(base | {"weights": "none"})))
+    assert len({repr(sorted(k.items())) for k in keys}) == len(keys)
+    assert backbone_key_params(SMALL, **base) == backbone_key_params(SMALL, **(base | {"weights": "random:0"}))
+    assert keys[2]["weights"].startswith("sha256:") and keys[4]["weights"] == "hub:lvd142m"
+    assert keys[-3]["compute_dtype"] == "bfloat16" and keys[0]["compute_dtype"] == "float32"
+    assert small.key_params() == keys[0]
+
+
+@pytest.mark.parametrize("which", ["plain", "reg4"])
+def test_original_dinov2_layout_reproduces_the_saving_model(small_source, reg4_source, x56, tmp_path, which):
+    (source, _, normed), model = (small_source, SMALL) if which == "plain" else (reg4_source, SMALL_REG4)
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(to_original_layout(source.model.state_dict(), depth=12), path)
+    loaded = create_backbone(model, weights=str(path), image_size=56, layer="norm", flip=False)
+    torch.testing.assert_close(loaded(x56), normed, rtol=1e-5, atol=1e-5)
+    # A canvas of another size resamples the position embedding from the file's 4 x 4 grid.
+    larger = create_backbone(model, weights=str(path), image_size=112, layer="norm", flip=False)
+    assert larger.model.pos_embed.shape[1] == larger.model.num_prefix_tokens * (which == "plain") + 8 * 8
+    assert larger(canvases(112, batch=1)).shape == (1, 8, 8, 384)
+
+
+def test_weights_file_with_a_wrong_key_names_the_file_and_the_key(small, tmp_path):
+    state = dict(small.model.state_dict())
+    state["blocks.0.norm_1.weight"] = state.pop("blocks.0.norm1.weight")
+    path = tmp_path / "renamed.safetensors"
+    safetensors.torch.save_file(state, path)
+    pattern = re.escape(str(path)) + r".*missing keys: blocks\.0\.norm1\.weight; unexpected keys: blocks\.0\.norm_1"
+    with pytest.raises(BackboneError, match=pattern):
+        create_backbone(SMALL, weights=str(path), image_size=56, layer="prenorm", flip=False)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(BackboneError, match=re.escape(str(garbage)) + ": cannot read the weights file"):
+        create_backbone(SMALL, weights=str(garbage), image_size=56, layer="prenorm", flip=False)
+
+
+def test_hub_weights_offline_raise_an_error_that_says_how_to_use_a_local_file(monkeypatch, tmp_path):
+    # huggingface_hub reads HF_HUB_OFFLINE at import, so the attempt runs in a fresh interpreter.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache: nothing to fall back on
+    script = (
+        "from stages.features.backbones import WeightsUnavailableError, create_backbone\n"
+        "try:\n"
+        f"    create_backbone({SMALL!r}, weights='hub', image_size=56, layer='prenorm', flip=False)\n"
+        "except WeightsUnavailableError as error:\n"
+        "    print(error)\n"
+        "else:\n"
+        "    raise SystemExit('no error')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(
+        rf"the weights of {re.escape(SMALL)} could not be downloaded .*dinov2_vits14_pretrain\.pth.*"
+        r"point this backbone's `weights:` in the catalog at the local \.pth/\.safetensors file",
+        result.stdout,
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "options", "message"),
+    [
+        ("vit_small_patch14_dinov2", {}, r"unknown backbone model '\w+'; valid names: .*lvd142m.*daisy"),
+        (SMALL, {"layer": "last"}, r"layer must be one of prenorm, norm; got 'last'"),
+        (SMALL, {"image_size": 100}, r"image_size must be a positive multiple of the patch size 14, got 100"),
+        (SMALL, {"weights": "hubb"}, r"weights must be 'hub', 'random'.*got 'hubb' \(no such file\)"),
+        (SMALL, {"weights": "random:x"}, r"the seed after 'random:' must be a non-negative integer"),
+        ("daisy", {"weights": "random"}, r"daisy has no weights"),
+    ],
+)  # fmt: skip
+def test_invalid_options_are_rejected_with_the_valid_choices(model, options, message):
+    settings = {"weights": "random", "image_size": 56, "layer": "prenorm", "flip": False} | options
+    with pytest.raises(BackboneError, match=message):
+        create_backbone(model, **settings)
+
+
+def grey_canvas(grey: np.ndarray) -> torch.Tensor:
+    """The normalised canvas [1, 3, S, S] of a grey image [S, S] in [0, 1]."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((torch.from_numpy(grey).float().expand(3, -1, -1) - mean) / std)[None]
+
+
+def test_daisy_tokens_are_unit_deterministic_and_flat_on_padding():
+    image = np.random.default_rng(0).integers(0, 256, size=(28, 168, 3), dtype=np.uint8)
+    transform = CanvasTransform.fit(168, 28, canvas_size=168)  # 70 px of padding above and below
+    canvas = image_to_canvas(image, transform)[None]
+    daisy = create_backbone("daisy", weights="none", image_size=168, layer="prenorm", flip=False)
+    tokens = daisy(canvas)
+    assert tokens.shape == (1, 12, 12, 104) and daisy.dim == 104 and not daisy.random_weights
+    torch.testing.assert_close(tokens.norm(dim=-1), torch.ones(1, 12, 12))
+    again = create_backbone("daisy", weights="none", image_size=168, layer="prenorm", flip=False)(canvas)
+    assert torch.equal(tokens, again)
+    # Rows 0-1 and 10-11 are padding farther than the descriptor's reach (radius + 4 sigma) from the image.
+    valid = transform.valid_patches()
+    far = np.zeros((12, 12), dtype=bool)
+    far[[0, 1, 10, 11]] = True
+    assert not valid[far].any()
+    flat = torch.full((104,), 104**-0.5)
+    torch.testing.assert_close(tokens[0][torch.from_numpy(far)], flat.expand(48, -1))
+    assert (tokens[0][torch.from_numpy(valid)] - flat).abs().amax(dim=-1).min() > 0.01
+
+
+def test_daisy_grid_follows_the_patch_grid():
+    grey = np.random.default_rng(1).random((168, 168))
+    daisy = create_backbone("daisy", weights="none", image_size=168, layer="prenorm", flip=False)
+    tokens = daisy(grey_canvas(grey))[0]
+    shifted = daisy(grey_canvas(np.roll(grey, 14, axis=1)))[0]
+    # Content moved one patch right moves the interior descriptors one patch right, exactly.
+    torch.testing.assert_close(shifted[3:9, 4:9], tokens[3:9, 3:8], rtol=1e-4, atol=1e-5)
