@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ class BackboneSpec:
 
     name: str
     model: str
-    weights: str = "hub"
+    weights: str = "hub"  # hub | random | random:<seed> | none (daisy) | path to a weights file
     image_size: int = 840
     layer: Literal["prenorm", "norm"] = "prenorm"
     flip: bool = False
@@ -191,7 +192,10 @@ def _parse(raw: Any, path: Path, environ: Mapping[str, str]) -> Catalog:
             raise CatalogError(
                 f"datasets.{name}.kind: unknown dataset kind {spec.kind!r}; valid: {', '.join(sorted(DATASET_KINDS))}"
             )
-    backbones = _named(BackboneSpec, raw.get("backbones") or {}, "backbones")
+    backbones = {
+        name: _resolve_weights(spec, path.parent)
+        for name, spec in _named(BackboneSpec, raw.get("backbones") or {}, "backbones").items()
+    }
     default_backbone = convert(str | None, raw.get("default_backbone"), "default_backbone")
     if default_backbone is not None and default_backbone not in backbones:
         raise CatalogError(f"default_backbone: {default_backbone!r} is not one of {', '.join(sorted(backbones))}")
@@ -205,6 +209,16 @@ def _parse(raw: Any, path: Path, environ: Mapping[str, str]) -> Catalog:
         evaluation=from_mapping(EvaluationSpec, raw.get("evaluation") or {}, "evaluation"),
         default_backbone=default_backbone,
     )
+
+
+WEIGHTS_KEYWORDS = ("hub", "random", "none")
+
+
+def _resolve_weights(spec: BackboneSpec, folder: Path) -> BackboneSpec:
+    """A weights file given by a relative path is relative to the catalog's folder, not the working directory."""
+    if spec.weights.split(":")[0] in WEIGHTS_KEYWORDS or Path(spec.weights).is_absolute():
+        return spec
+    return dataclasses.replace(spec, weights=str((folder / spec.weights).resolve()))
 
 
 def _named(cls: type, table: Any, where: str) -> dict[str, Any]:

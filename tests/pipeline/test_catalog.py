@@ -101,3 +101,9 @@ def test_unknown_names_list_the_known_ones(tmp_path):
         catalog.dataset("spair")
     with pytest.raises(CatalogError, match=r"unknown matcher 'gwot'; the catalog defines: nn"):
         catalog.matcher("gwot")
+
+
+def test_relative_weights_files_resolve_against_the_catalog_folder(tmp_path):
+    text = MINIMAL.replace("weights: random", "weights: models/small.safetensors")
+    catalog = load_catalog(write(tmp_path, text), environ={})
+    assert catalog.backbone("small").weights == str(tmp_path / "models" / "small.safetensors")

@@ -1,4 +1,4 @@
-"""A local HTTP file server for the download tests: Range support, scripted faults, a request log."""
+"""A local HTTP file server for tests (downloads, the CLI): Range support, scripted faults, a request log."""
 
 from __future__ import annotations
 

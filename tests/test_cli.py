@@ -1,0 +1,163 @@
+"""The command line end to end: download and normalize over a real local HTTP server, status, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+
+DEMO_CATALOG = """
+stores: {data_root: data, cache_root: cache, outputs: outputs}
+datasets:
+  demo: {kind: demo, options: {n_pairs: 2, max_side: 96, n_keypoints: 8}}
+"""
+
+
+def write_catalog(folder: Path, text: str) -> Path:
+    path = folder / "catalog.yaml"
+    path.write_text(text)
+    return path
+
+
+def invoke(catalog: Path, *args: str):
+    return CliRunner().invoke(cli, ["--catalog", str(catalog), "-q", *args], catch_exceptions=False)
+
+
+def zip_folder(folder: Path, archive: Path, corrupt: str | None = None) -> bytes:
+    """Zip ``folder`` (keeping its name as the top level); optionally garble the magic of file ``corrupt``."""
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                name = path.relative_to(folder.parent).as_posix()
+                data = path.read_bytes()
+                zf.writestr(name, b"XXXX" + data[4:] if name == corrupt else data)
+    return archive.read_bytes()
+
+
+@pytest.fixture
+def tss_zip(tmp_path, shared_fixtures) -> bytes:
+    return zip_folder(shared_fixtures / "tss" / "TSS_CVPR2016", tmp_path / "TSS_CVPR2016.zip")
+
+
+def tss_catalog(folder: Path, url: str, data: bytes) -> Path:
+    digest = hashlib.sha256(data).hexdigest()
+    return write_catalog(
+        folder,
+        f"""
+stores: {{data_root: data}}
+datasets:
+  tss:
+    kind: tss
+    sources: [{{url: "{url}", filename: TSS_CVPR2016.zip, size: {len(data)}, sha256: {digest}}}]
+""",
+    )
+
+
+def test_demo_download_normalize_status_and_a_rerun_that_does_nothing(tmp_path):
+    catalog = write_catalog(tmp_path, DEMO_CATALOG)
+    result = invoke(catalog, "run", "--stage", "download", "--stage", "normalize", "--dataset", "demo")
+    assert result.exit_code == 0, result.output
+    tables = tmp_path / "data" / "normalized" / "demo"
+    pairs = pd.read_parquet(tables / "pairs.parquet")
+    images = pd.read_parquet(tables / "images.parquet")
+    assert len(pairs) == 2 and len(images) == 4
+    assert set(pairs.src_image_id) | set(pairs.trg_image_id) == set(images.image_id)
+    assert all(len(kps) == 8 for kps in pairs.src_kps)
+    assert all((tmp_path / "data" / "raw" / "demo" / p).is_file() for p in images.path)
+
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*") if p.is_file()}
+    assert invoke(catalog, "run", "--stage", "download", "--stage", "normalize").exit_code == 0
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*") if p.is_file()} == stamps
+
+    status = invoke(catalog, "status").output.splitlines()
+    assert any(line.split()[:3] == ["demo", "download", "done"] for line in status)
+    assert any(line.split()[:4] == ["demo", "normalize", "done", "1/1"] for line in status)
+
+
+def test_force_redoes_the_work(tmp_path):
+    catalog = write_catalog(tmp_path, DEMO_CATALOG)
+    assert invoke(catalog, "run", "--stage", "download", "--stage", "normalize").exit_code == 0
+    table = tmp_path / "data" / "normalized" / "demo" / "pairs.parquet"
+    before = table.stat().st_mtime_ns
+    assert invoke(catalog, "run", "--stage", "normalize", "--force").exit_code == 0
+    assert table.stat().st_mtime_ns != before
+
+
+def test_tss_from_a_local_http_server_then_normalized(tmp_path, server, tss_zip):
+    server.files["/TSS_CVPR2016.zip"] = tss_zip
+    catalog = tss_catalog(tmp_path, server.url("/TSS_CVPR2016.zip"), tss_zip)
+    assert invoke(catalog, "run", "--stage", "download", "--stage", "normalize", "--dataset", "tss").exit_code == 0
+    pairs = pd.read_parquet(tmp_path / "data" / "normalized" / "tss" / "pairs.parquet")
+    assert len(pairs) == 6 and set(pairs.direction) == {"1to2", "2to1"}
+    assert set(pairs.category) == {"JODS", "PASCAL"}
+    assert invoke(catalog, "run", "--dataset", "tss", "--stage", "download", "--stage", "normalize").exit_code == 0
+    assert server.count("/TSS_CVPR2016.zip") == 1
+
+
+def test_a_malformed_file_stops_normalize_unless_skip_bad(tmp_path, server, shared_fixtures):
+    bad_flow = "TSS_CVPR2016/JODS/car_03_04/flow1.flo"
+    data = zip_folder(shared_fixtures / "tss" / "TSS_CVPR2016", tmp_path / "TSS_CVPR2016.zip", corrupt=bad_flow)
+    server.files["/TSS_CVPR2016.zip"] = data
+    catalog = tss_catalog(tmp_path, server.url("/TSS_CVPR2016.zip"), data)
+    assert invoke(catalog, "run", "--stage", "download").exit_code == 0
+    result = CliRunner().invoke(cli, ["--catalog", str(catalog), "-q", "run", "--stage", "normalize"])
+    assert result.exit_code == 1
+    assert "car_03_04/flow1.flo" in result.output and "magic" in result.output
+    assert not (tmp_path / "data" / "normalized" / "tss" / "pairs.parquet").exists()
+
+    assert invoke(catalog, "run", "--stage", "normalize", "--skip-bad").exit_code == 0
+    tables = tmp_path / "data" / "normalized" / "tss"
+    bad = pd.read_parquet(tables / "bad_items.parquet")
+    assert len(bad) == 1 and bad.path[0].endswith("car_03_04/flow1.flo")
+    assert len(pd.read_parquet(tables / "pairs.parquet")) == 4
+
+
+def test_offline_download_fails_fast_with_the_manual_fix_then_uses_the_hand_placed_archive(
+    tmp_path, closed_port_url, tss_zip
+):
+    catalog = tss_catalog(tmp_path, closed_port_url.replace("file.zip", "TSS_CVPR2016.zip"), tss_zip)
+    result = CliRunner().invoke(cli, ["--catalog", str(catalog), "-q", "run", "--stage", "download"])
+    assert result.exit_code == 1
+    assert "TSS_CVPR2016.zip" in result.output and "--archive" in result.output
+    archive = tmp_path / "TSS_CVPR2016.zip"
+    result = invoke(
+        catalog, "run", "--stage", "download", "--stage", "normalize", "--dataset", "tss", "--archive", str(archive)
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "data" / "normalized" / "tss" / "pairs.parquet").is_file()
+
+
+@pytest.mark.parametrize(
+    ("catalog_text", "args", "message"),
+    [
+        (DEMO_CATALOG + "colour: blue\n", ("status",), "unknown top-level key(s) 'colour'"),
+        (DEMO_CATALOG, ("run", "--dataset", "spair"), "unknown dataset 'spair'; the catalog defines: demo"),
+        (DEMO_CATALOG, ("run", "--stage", "normalize"), "run `pipeline run --stage download --dataset demo`"),
+    ],
+)
+def test_user_errors_are_one_clear_line(tmp_path, catalog_text, args, message):
+    result = CliRunner().invoke(cli, ["--catalog", str(write_catalog(tmp_path, catalog_text)), *args])
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_archive_needs_exactly_one_dataset(tmp_path, tss_zip):
+    catalog = write_catalog(tmp_path, DEMO_CATALOG)
+    result = CliRunner().invoke(
+        cli, ["--catalog", str(catalog), "run", "--archive", str(tmp_path / "TSS_CVPR2016.zip")]
+    )
+    assert result.exit_code == 2 and "--archive needs exactly one --dataset" in result.output
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "pipeline"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "run" in result.stdout and "status" in result.stdout
