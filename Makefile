@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/pipeline run --dataset demo
+	$(BIN)/pipeline run --dataset demo --backbone daisy
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

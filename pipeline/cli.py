@@ -66,6 +66,8 @@ def cli(ctx: click.Context, catalog_path: Path, verbose: int, quiet: bool) -> No
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="download: a file fetched by hand (matched to a source of the selected dataset by its name).",
 )
+@click.option("--backbone", metavar="NAME", help="features: a catalog backbone (default: default_backbone).")
+@click.option("--scheduler", metavar="ADDRESS", help="A running Dask scheduler, instead of the catalog's.")
 @click.pass_context
 def run(
     ctx: click.Context,
@@ -74,6 +76,8 @@ def run(
     force: bool,
     skip_bad: bool,
     archives: tuple[Path, ...],
+    backbone: str | None,
+    scheduler: str | None,
 ) -> None:
     """Run pipeline stages; only missing work is done unless --force."""
     catalog = load_catalog(ctx.obj["catalog_path"])
@@ -82,7 +86,14 @@ def run(
     by_dataset: dict[str, tuple[Path, ...]] = defaultdict(tuple)
     if archives:
         by_dataset[datasets[0]] = tuple(p.resolve() for p in archives)
-    options = RunOptions(force=force, skip_bad=skip_bad, archives=dict(by_dataset), progress=not ctx.obj["quiet"])
+    options = RunOptions(
+        force=force,
+        skip_bad=skip_bad,
+        archives=dict(by_dataset),
+        progress=not ctx.obj["quiet"],
+        scheduler=scheduler,
+        backbone=backbone,
+    )
     run_stages(catalog, stages, datasets, options)
 
 

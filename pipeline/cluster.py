@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Iterator
 
+import dask
 from distributed import Client, LocalCluster
 
 from pipeline.catalog import ClusterSpec
@@ -30,6 +31,20 @@ def dask_client(spec: ClusterSpec, scheduler: str | None = None) -> Iterator[Cli
     LocalCUDACluster with one worker per GPU when GPUs and dask-cuda are present; else a LocalCluster of
     ``n_workers`` CPU workers (default: one per core, at most 4) with ``threads_per_worker`` threads each.
     """
+    # Workers inherit this config: they log only warnings unless the run is verbose, and a worker takes a
+    # new task only when a thread is free (the default 1.1 queues two tasks on a one-thread worker while
+    # another worker idles).
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+    config = {
+        "logging.distributed": "info" if verbose else "warning",
+        "distributed.scheduler.worker-saturation": 1.0,
+    }
+    with dask.config.set(config):
+        logging.getLogger("distributed").setLevel(logging.INFO if verbose else logging.WARNING)
+        yield from _client(spec, scheduler)
+
+
+def _client(spec: ClusterSpec, scheduler: str | None) -> Iterator[Client]:
     address = scheduler or spec.address
     if address:
         try:

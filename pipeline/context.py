@@ -18,6 +18,7 @@ class RunOptions:
     archives: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)  # dataset -> hand-placed files
     progress: bool = True  # show progress bars
     scheduler: str | None = None  # address of an existing Dask scheduler; overrides the catalog's
+    backbone: str | None = None  # features: a catalog backbone name; None: its default_backbone
 
 
 @dataclass(frozen=True)

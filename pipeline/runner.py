@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 STAGES = {
     "download": "stages.download.stage",
     "normalize": "stages.datasets.stage",
+    "features": "stages.features.stage",
 }
 STAGE_ORDER = tuple(STAGES)
 

@@ -10,7 +10,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 IO_FRAMEWORKS = {"dask", "distributed", "zarr", "pandas", "pyarrow", "click", "fsspec", "yaml"}
 
-# Pure science: tensors in, tensors out. Each stage's thin entry (stage.py) is where I/O is composed.
+# Pure science: tensors in, tensors out. Each stage's thin entry (stage.py) is where I/O is composed, and
+# settings.py turns catalog entries into the solvers' keyword arguments.
 SCIENCE = sorted(
     p for folder in ("stages/match", "stages/evaluate") for p in (REPO / folder).glob("*.py") if p.name != "stage.py"
 ) + [REPO / "stages/features/canvas.py"]
