@@ -24,6 +24,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/matcher.py
+	$(BIN)/python benchmarks/features.py
+	$(BIN)/python benchmarks/match_stage.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline stages tests benchmarks

@@ -61,9 +61,7 @@ def measure(model: str, size: int, device: str, n_images: int, batch: int) -> di
     """One row of the table: images/s, peak memory and on-disk size per image of ``model`` at ``size`` px."""
     baseline = peak_memory_mib(device)
     weights = "none" if model == "daisy" else "random"
-    backbone = create_backbone(
-        model, weights=weights, image_size=size, layer="prenorm", flip=False, device=device
-    )
+    backbone = create_backbone(model, weights=weights, image_size=size, layer="prenorm", flip=False, device=device)
     images = photos(n_images)
     transforms = [CanvasTransform.fit(i.shape[1], i.shape[0], size, PATCH_SIZE) for i in images]
     if device == "cuda":
@@ -112,9 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--sizes", default="448,840", help="canvas sizes in px, multiples of 14")
-    parser.add_argument(
-        "--models", default=DEFAULT_MODELS, help="timm DINOv2 names or daisy, comma-separated"
-    )
+    parser.add_argument("--models", default=DEFAULT_MODELS, help="timm DINOv2 names or daisy, comma-separated")
     parser.add_argument("--n-images", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2, help="canvases per forward pass")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -1,7 +1,8 @@
-"""The ``pipeline`` command line: run stages, show their status."""
+"""The ``pipeline`` command line: run stages, show their status, export and score TSS flows."""
 
 from __future__ import annotations
 
+import csv
 import logging
 import sys
 from collections import defaultdict
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from pipeline import results
 from pipeline.catalog import DEFAULT_CATALOG, load_catalog
 from pipeline.context import RunOptions
 from pipeline.errors import PipelineError
@@ -68,6 +70,24 @@ def cli(ctx: click.Context, catalog_path: Path, verbose: int, quiet: bool) -> No
 )
 @click.option("--backbone", metavar="NAME", help="features: a catalog backbone (default: default_backbone).")
 @click.option("--scheduler", metavar="ADDRESS", help="A running Dask scheduler, instead of the catalog's.")
+@click.option(
+    "--matcher", "matchers", multiple=True, metavar="NAME", help="match: catalog matcher(s); without it, all."
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="MATCHER.KEY=V1,V2",
+    help="match: try each value of a matcher parameter; several --set span their grid.",
+)
+@click.option(
+    "--run",
+    "run_name",
+    default="default",
+    show_default=True,
+    metavar="NAME",
+    help="match: results go to <outputs>/NAME.",
+)
 @click.pass_context
 def run(
     ctx: click.Context,
@@ -78,9 +98,14 @@ def run(
     archives: tuple[Path, ...],
     backbone: str | None,
     scheduler: str | None,
+    matchers: tuple[str, ...],
+    overrides: tuple[str, ...],
+    run_name: str,
 ) -> None:
     """Run pipeline stages; only missing work is done unless --force."""
     catalog = load_catalog(ctx.obj["catalog_path"])
+    if not run_name or Path(run_name).name != run_name or run_name.startswith("."):
+        raise click.UsageError(f"--run {run_name!r}: expected a plain folder name (no '/', not starting with '.')")
     if archives and len(datasets) != 1:
         raise click.UsageError("--archive needs exactly one --dataset to match the file to")
     by_dataset: dict[str, tuple[Path, ...]] = defaultdict(tuple)
@@ -93,8 +118,13 @@ def run(
         progress=not ctx.obj["quiet"],
         scheduler=scheduler,
         backbone=backbone,
+        matchers=matchers,
+        overrides=overrides,
+        run_name=run_name,
     )
     run_stages(catalog, stages, datasets, options)
+    if "match" in (stages or STAGE_ORDER):
+        click.echo((results.run_dir(catalog.stores.outputs, run_name) / "summary.md").read_text())
 
 
 @cli.command()
@@ -109,6 +139,98 @@ def status(ctx: click.Context, datasets: tuple[str, ...]) -> None:
         state = "done" if st.complete else ("partial" if st.done else "missing")
         count = f"{st.done}/{st.total if st.total is not None else '?'}"
         click.echo(f"{dataset:<14} {stage:<10} {state:<9} {count:>11}  {st.detail}")
+
+
+@cli.command("export-tss")
+@click.option("--run", "run_name", required=True, metavar="NAME", help="The run whose flows to export.")
+@click.option("--matcher", required=True, metavar="NAME", help="A setting's label or key, or a matcher name.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
+@click.option("--dataset", metavar="NAME", help="The TSS dataset, when the run matched several.")
+@click.pass_context
+def export_tss(ctx: click.Context, run_name: str, matcher: str, out: Path, dataset: str | None) -> None:
+    """Write a setting's predicted TSS flows as OUT/<subset>/<pair>/flow1.flo, flow2.flo (the kit's layout)."""
+    from stages.match.stage import export_tss as export  # imports torch: only when needed
+
+    count = export(load_catalog(ctx.obj["catalog_path"]), run_name, matcher, out, dataset)
+    click.echo(f"exported the flows of {count} pair(s) to {out}")
+
+
+@cli.command("score-tss")
+@click.argument("results_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--dataset-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The ground truth's TSS_CVPR2016 folder (default: the catalog's tss raw folder).",
+)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also write every row to this CSV.")
+@click.option("-v", "--verbose", "all_rows", is_flag=True, help="Print every direction's row and T1..T50.")
+@click.pass_context
+def score_tss(
+    ctx: click.Context, results_dir: Path, dataset_dir: Path | None, out: Path | None, all_rows: bool
+) -> None:
+    """Score flows in the TSS kit's layout (RESULTS_DIR/<subset>/<pair>/flowN.flo) as the official kit does."""
+    from stages.match.stage import default_tss_dir, score_tss_folders  # imports torch: only when needed
+
+    dataset_dir = dataset_dir or default_tss_dir(load_catalog(ctx.obj["catalog_path"]))
+    rows = [
+        {"Subset": subset, **row}
+        for subset, scores in score_tss_folders(results_dir, dataset_dir).items()
+        for row in scores.rows()
+    ]
+    if out is not None:
+        with out.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    thresholds = [f"T{t}" for t in range(1, 51)] if all_rows else ["T5"]
+    shown = rows if all_rows else [row for row in rows if row["Row"] in ("Average", "w/o flip")]
+    click.echo(" ".join([f"{'subset':<8} {'row':<24} {'flip':>4}", *(f"{t:>8}" for t in thresholds)]))
+    for row in shown:
+        values = (f"{row[t]:8.6f}" for t in thresholds)
+        click.echo(" ".join([f"{row['Subset']:<8} {row['Row']:<24} {row['Flip']:>4}", *values]))
+
+
+@cli.command("match-pair")
+@click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("trg", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--points",
+    "points",
+    multiple=True,
+    metavar="X,Y [X,Y ...]",
+    help='Source pixels to transfer, e.g. --points "120,64 30,40" (default: an 8 x 8 grid).',
+)
+@click.option("--backbone", metavar="NAME", help="A catalog backbone (default: default_backbone).")
+@click.option("--matcher", "matchers", multiple=True, metavar="NAME", help="Catalog matcher(s); default: nn, gwot.")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default: <outputs>/match-pair)."
+)
+@click.pass_context
+def match_pair_command(
+    ctx: click.Context,
+    src: Path,
+    trg: Path,
+    points: tuple[str, ...],
+    backbone: str | None,
+    matchers: tuple[str, ...],
+    out: Path | None,
+) -> None:
+    """Match your own image pair SRC -> TRG; write one picture per matcher and a JSON of the points."""
+    from stages.features.stage import resolve_backbone  # imports torch and timm: only when needed
+    from stages.report.match_pair import DEFAULT_MATCHERS, match_pair, parse_points
+
+    catalog = load_catalog(ctx.obj["catalog_path"])
+    result = match_pair(
+        src,
+        trg,
+        backbone=resolve_backbone(catalog, backbone),
+        matchers=[catalog.matcher(name) for name in matchers or DEFAULT_MATCHERS],
+        points=parse_points(points),
+        out_dir=out or Path(catalog.stores.outputs) / "match-pair",
+    )
+    for name, picture in result.pictures.items():
+        click.echo(f"{name}: {picture}")
+    click.echo(f"points and predictions: {result.json_path}")
 
 
 def main() -> None:

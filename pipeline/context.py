@@ -19,6 +19,9 @@ class RunOptions:
     progress: bool = True  # show progress bars
     scheduler: str | None = None  # address of an existing Dask scheduler; overrides the catalog's
     backbone: str | None = None  # features: a catalog backbone name; None: its default_backbone
+    matchers: tuple[str, ...] = ()  # match: catalog matcher names; empty: all of the catalog's
+    overrides: tuple[str, ...] = ()  # match: --set MATCHER.KEY=V1,V2 sweeps
+    run_name: str = "default"  # match: results go to <outputs>/<run_name>/
 
 
 @dataclass(frozen=True)

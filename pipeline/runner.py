@@ -19,6 +19,7 @@ STAGES = {
     "download": "stages.download.stage",
     "normalize": "stages.datasets.stage",
     "features": "stages.features.stage",
+    "match": "stages.match.stage",
 }
 STAGE_ORDER = tuple(STAGES)
 

@@ -13,7 +13,10 @@ IO_FRAMEWORKS = {"dask", "distributed", "zarr", "pandas", "pyarrow", "click", "f
 # Pure science: tensors in, tensors out. Each stage's thin entry (stage.py) is where I/O is composed, and
 # settings.py turns catalog entries into the solvers' keyword arguments.
 SCIENCE = sorted(
-    p for folder in ("stages/match", "stages/evaluate") for p in (REPO / folder).glob("*.py") if p.name != "stage.py"
+    p
+    for folder in ("stages/match", "stages/evaluate")
+    for p in (REPO / folder).glob("*.py")
+    if p.name not in {"stage.py", "settings.py"}
 ) + [REPO / "stages/features/canvas.py"]
 # Pipeline plumbing that must not depend on what the matchers or the evaluation do.
 PLUMBING = [p for p in (REPO / "pipeline").glob("*.py") if p.name not in {"runner.py", "cli.py"}]

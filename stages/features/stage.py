@@ -318,9 +318,7 @@ def extract_features(
             else:
                 bar.update(future.result())
     if failures:
-        lines = [
-            f"shard {task.shard} (images {_listing(task.image_ids)}): {error}" for task, error in failures
-        ]
+        lines = [f"shard {task.shard} (images {_listing(task.image_ids)}): {error}" for task, error in failures]
         raise StageError(
             f"features of dataset {dataset!r}: {len(failures)} of {len(tasks)} shard(s) failed twice; the "
             "others are stored and the next run computes only these:\n  " + "\n  ".join(lines)
@@ -331,8 +329,7 @@ def extract_features(
 def _normalized_images(ctx: StageContext, dataset: str) -> pa.Table:
     if not normalize_stage.status(ctx, dataset).complete:
         raise StageError(
-            f"dataset {dataset!r} is not normalised yet; "
-            f"run `pipeline run --stage normalize --dataset {dataset}`"
+            f"dataset {dataset!r} is not normalised yet; run `pipeline run --stage normalize --dataset {dataset}`"
         )
     images, _ = normalize_stage.read_tables(ctx.catalog.normalized_dir(dataset))
     return images

@@ -1,0 +1,532 @@
+"""The match stage: every test pair under every matcher setting, matched on Dask workers, scored into Parquet.
+
+For each dataset the driver reads the normalised pairs of split ``test`` (the benchmarks' scored split;
+a dataset without test pairs is an error), opens the feature store of the chosen backbone and resolves
+the matcher settings (catalog matchers, expanded over ``--set`` sweeps). The pairs, sorted by id, are cut
+into batches of ``PAIRS_PER_BATCH``; a batch under a setting is one unit of work, recorded in the run's
+ledger ``<outputs>/<run>/.done/`` with its pair ids and alphas. A re-run submits only the units that are
+not recorded (or whose pairs or alphas changed), ``--force`` all of them.
+
+A task (on a worker, on its GPU when it has one) reads the batch's tokens, solves every pair at once (all
+images of a store share one patch grid), reads out keypoints and, where a ground-truth flow exists, a
+dense flow at the source image's resolution, then writes its own part files (see :mod:`pipeline.results`)
+and last its ledger marker, so writers never collide and a killed run resumes with every pair once.
+
+Scoring: PCK at every catalog alpha with the pair's threshold kind, ``error <= alpha * ref_length`` in
+original target pixels; flows (TSS and the demo's exact ground truth) with the TSS kit's T1..T50. TSS's
+predicted flows are also kept as ``.flo`` files in the kit's layout for ``pipeline export-tss``.
+
+A pair's numbers can depend slightly on its batch: GWOT stops its outer and inner loops when the whole
+batch has converged. Batches are deterministic, so reruns, resumes and any number of workers agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from distributed import Client, as_completed
+from PIL import Image
+
+from pipeline import results
+from pipeline.cache import Ledger, atomic_path
+from pipeline.catalog import Catalog
+from pipeline.cluster import dask_client
+from pipeline.context import StageContext, StageStatus
+from pipeline.errors import CatalogError, PipelineError, StageError
+from pipeline.features_store import FeatureStore, FeatureStoreError
+from pipeline.progress import progress_bar
+from stages.datasets import stage as normalize_stage
+from stages.datasets.flo import read_flo, write_flo
+from stages.datasets.tss import ROOT as TSS_ROOT
+from stages.datasets.tss import SUBSETS as TSS_SUBSETS
+from stages.evaluate.pck import correct_keypoints, keypoint_errors, pck_per_pair, reference_length
+from stages.evaluate.tss import TssScores, score_direction, score_tss_results
+from stages.features.canvas import CanvasTransform
+from stages.match import dense_flow, gwot, nn_match, transfer_keypoints
+from stages.match.settings import MatcherSetting, NNParams, resolve_settings
+
+log = logging.getLogger(__name__)
+
+SPLIT = "test"
+PAIRS_PER_BATCH = 16  # one solve per batch: 16 pairs of 60 x 60 grids keep GWOT's [B, N, M] tensors < 1 GB
+PAIR_COLUMNS = (
+    "pair_id", "split", "category", "src_image_id", "trg_image_id", "src_kps", "trg_kps", "kps_ids",
+    "threshold_kind", "trg_bbox", "flip", "viewpoint_variation", "scale_variation", "truncation",
+    "occlusion", "flow_path", "direction", "group",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BatchTask:
+    """One unit of work: a batch of pairs under one setting, with everything a worker needs for it."""
+
+    dataset: str
+    batch: int
+    setting: MatcherSetting
+    backbone: str
+    store_path: str
+    random_weights: bool
+    pairs: tuple[dict[str, Any], ...]  # pair rows (PAIR_COLUMNS), sorted by pair id
+    image_sizes: dict[str, tuple[int, int]]  # (W, H) of the batch's images
+    raw_dir: str
+    alphas: tuple[float, ...]
+    run_folder: str
+
+    @property
+    def unit(self) -> str:
+        """The ledger's name for this unit."""
+        return ledger_unit(self.dataset, self.setting.key, self.batch)
+
+    @property
+    def pair_ids(self) -> list[str]:
+        """The batch's pair ids, in order."""
+        return [pair["pair_id"] for pair in self.pairs]
+
+
+def ledger_unit(dataset: str, setting_key: str, batch: int) -> str:
+    """The ledger's name of batch ``batch`` of ``dataset`` under setting ``setting_key``."""
+    return f"{dataset}/{setting_key}/{batch:05d}"
+
+
+def solve(
+    setting: MatcherSetting,
+    src_feats: torch.Tensor,
+    trg_feats: torch.Tensor,
+    src_valid: torch.Tensor,
+    trg_valid: torch.Tensor,
+) -> torch.Tensor:
+    """Scores ``[B, N, M]`` of a batch: NN cosine similarities or GWOT plans (features ``[B, H, W, C]``)."""
+    if isinstance(setting.params, NNParams):
+        return nn_match(src_feats, trg_feats, src_valid, trg_valid).similarity
+    return gwot(src_feats, trg_feats, src_valid, trg_valid, **setting.params.solver_kwargs()).plan
+
+
+def readout_options(setting: MatcherSetting) -> dict[str, Any]:
+    """Similarities are read through a softmax at the setting's temperature; plans as they are."""
+    temperature = setting.params.temperature if isinstance(setting.params, NNParams) else None
+    return {"window": setting.params.window, "temperature": temperature}
+
+
+def _batch_features(
+    store: FeatureStore, image_ids: Sequence[str], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Tokens ``[B, H, W, C]`` float32 and valid ``[B, H, W]`` of ``image_ids`` on ``device``, and their rows.
+
+    Each distinct image is read once (TSS and SPair reuse images across pairs).
+    """
+    rows = store.rows_for(image_ids)
+    unique = sorted(set(rows))
+    tokens, valid = store.read(unique)
+    position = [unique.index(row) for row in rows]
+    feats = torch.from_numpy(tokens[position].astype(np.float32)).to(device)
+    return feats, torch.from_numpy(valid[position]).to(device), rows
+
+
+def _score_keypoints(
+    task: BatchTask, pair: dict[str, Any], scores: torch.Tensor, transforms: tuple[CanvasTransform, CanvasTransform]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The pair's PCK columns and its keypoint rows."""
+    src_kps = np.asarray(pair["src_kps"], dtype=np.float64).reshape(-1, 2)
+    trg_kps = np.asarray(pair["trg_kps"], dtype=np.float64).reshape(-1, 2)
+    alphas = np.asarray(task.alphas, dtype=np.float64)
+    if len(src_kps) == 0:
+        return {"n_kps": 0, "ref_length": None, "n_correct": [0] * len(alphas), "pck": [np.nan] * len(alphas)}, []
+    pred = transfer_keypoints(scores, src_kps, *transforms, **readout_options(task.setting))
+    errors = keypoint_errors(pred, trg_kps)
+    ref_length = reference_length(
+        pair["threshold_kind"],
+        trg_image_size=task.image_sizes[pair["trg_image_id"]],
+        trg_bbox=pair["trg_bbox"],
+        trg_kps=trg_kps,
+    )
+    thresholds = alphas * ref_length
+    columns = {
+        "n_kps": len(src_kps),
+        "ref_length": ref_length,
+        "n_correct": correct_keypoints(errors, thresholds).sum(axis=-1).tolist(),
+        "pck": pck_per_pair(errors, thresholds).tolist(),
+    }
+    keypoints = [
+        {
+            "pair_id": pair["pair_id"],
+            "kp_index": index,
+            "kps_id": pair["kps_ids"][index],
+            "src_x": src[0],
+            "src_y": src[1],
+            "pred_x": p[0],
+            "pred_y": p[1],
+            "trg_x": t[0],
+            "trg_y": t[1],
+            "error": error,
+            "ref_length": ref_length,
+            "threshold_kind": pair["threshold_kind"],
+        }
+        for index, (src, p, t, error) in enumerate(zip(src_kps, pred, trg_kps, errors, strict=True))
+    ]
+    return columns, keypoints
+
+
+def _score_flow(
+    task: BatchTask, pair: dict[str, Any], scores: torch.Tensor, transforms: tuple[CanvasTransform, CanvasTransform]
+) -> list[float] | None:
+    """T1..T50 accuracies of the dense flow against the pair's ground truth (None without one); a TSS
+    direction's flow is also written as ``flow<n>.flo`` in the kit's layout."""
+    if pair["flow_path"] is None:
+        return None
+    flow = dense_flow(scores, *transforms, **readout_options(task.setting))
+    gt_flow = read_flo(Path(task.raw_dir) / pair["flow_path"])
+    accuracy = score_direction(flow, gt_flow, task.image_sizes[pair["trg_image_id"]])
+    if pair["direction"] is not None:
+        folder = results.flows_dir(task.run_folder, task.dataset, task.setting.key) / pair["group"]
+        folder.mkdir(parents=True, exist_ok=True)
+        # TSS directions are named <src image number>to<trg image number>; flow1 starts from image1.
+        with atomic_path(folder / f"flow{pair['direction'][0]}.flo") as tmp:
+            write_flo(tmp, flow)
+    return accuracy.tolist()
+
+
+def match_batch(task: BatchTask) -> int:
+    """Worker side: match, score and write one batch, then record it in the ledger; returns its pair count."""
+    store = FeatureStore.open(task.store_path)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    src_feats, src_valid, src_rows = _batch_features(store, [p["src_image_id"] for p in task.pairs], device)
+    trg_feats, trg_valid, trg_rows = _batch_features(store, [p["trg_image_id"] for p in task.pairs], device)
+    start = time.perf_counter()
+    scores = solve(task.setting, src_feats, trg_feats, src_valid, trg_valid)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - start) / len(task.pairs)
+    labels = {
+        "matcher_name": task.setting.name,
+        "matcher_label": task.setting.label,
+        "method": task.setting.method,
+        "params_json": json.dumps(asdict(task.setting.params), sort_keys=True),
+        "backbone": task.backbone,
+        "backbone_key": task.setting.backbone_key,
+        "random_weights": task.random_weights,
+        "batch": task.batch,
+        "alphas": list(task.alphas),
+        "solve_seconds": seconds,
+    }
+    pair_rows, keypoint_rows = [], []
+    for index, pair in enumerate(task.pairs):
+        transforms = (
+            CanvasTransform(**store.transforms[src_rows[index]]),
+            CanvasTransform(**store.transforms[trg_rows[index]]),
+        )
+        try:
+            pck_columns, keypoints = _score_keypoints(task, pair, scores[index], transforms)
+            flow_accuracy = _score_flow(task, pair, scores[index], transforms)
+        except (ValueError, PipelineError) as error:  # bad annotations or files: name the pair
+            raise StageError(f"pair {pair['pair_id']!r} of dataset {task.dataset!r}: {error}") from error
+        metadata = {name: pair[name] for name in results.PAIRS_SCHEMA.names if name in pair}
+        pair_rows.append({**metadata, **labels, **pck_columns, "flow_accuracy": flow_accuracy})
+        keypoint_rows += keypoints
+    folder = task.run_folder
+    key = task.setting.key
+    results.write_part(
+        results.part_path(folder, "keypoints", task.dataset, key, task.batch), keypoint_rows, results.KEYPOINTS_SCHEMA
+    )
+    results.write_part(
+        results.part_path(folder, "pairs", task.dataset, key, task.batch), pair_rows, results.PAIRS_SCHEMA
+    )
+    _ledger(folder).mark_done(task.unit, {"pair_ids": task.pair_ids, "alphas": list(task.alphas)})
+    return len(task.pairs)
+
+
+def _ledger(run_folder: str | Path) -> Ledger:
+    return Ledger(Path(run_folder) / ".done")
+
+
+def _is_done(ledger: Ledger, task: BatchTask) -> bool:
+    record = ledger.record(task.unit)
+    return record is not None and record.get("pair_ids") == task.pair_ids and record.get("alphas") == list(task.alphas)
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """Everything the driver needs to match one dataset: its store, settings and batches of test pairs."""
+
+    dataset: str
+    backbone: str
+    store: FeatureStore
+    settings: list[MatcherSetting]
+    batches: list[tuple[dict[str, Any], ...]]
+    image_sizes: dict[str, tuple[int, int]]
+
+    @property
+    def backbone_key(self) -> str:
+        """The feature store's key."""
+        return store_key(self.store)
+
+    def tasks(self, catalog: Catalog, run_folder: Path) -> list[BatchTask]:
+        """Every unit of the plan: each batch under each setting."""
+        return [
+            BatchTask(
+                dataset=self.dataset,
+                batch=index,
+                setting=setting,
+                backbone=self.backbone,
+                store_path=self.store.path,
+                random_weights=self.store.random_weights,
+                pairs=pairs,
+                image_sizes={
+                    image_id: self.image_sizes[image_id]
+                    for pair in pairs
+                    for image_id in (pair["src_image_id"], pair["trg_image_id"])
+                },
+                raw_dir=str(catalog.raw_dir(self.dataset)),
+                alphas=catalog.evaluation.alphas,
+                run_folder=str(run_folder),
+            )
+            for setting in self.settings
+            for index, pairs in enumerate(self.batches)
+        ]
+
+
+def store_key(store: FeatureStore) -> str:
+    """A feature store's key: its file name without ``.zarr`` (model, canvas, RANDOM, parameter hash)."""
+    return store.path.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr")
+
+
+def _open_store(ctx: StageContext, dataset: str, image_ids: Sequence[str]) -> tuple[str, FeatureStore]:
+    """The chosen backbone's name and the dataset's feature store, which must hold every image of
+    ``image_ids``; StageError naming the command to run when it does not."""
+    # Imported here: the features stage imports timm and torchvision, which every worker process would
+    # otherwise import (about 3 s each) when it unpickles a task of this module.
+    from stages.features.stage import open_features, resolve_backbone
+
+    backbone = resolve_backbone(ctx.catalog, ctx.options.backbone).name
+    command = f"run `pipeline run --stage features --dataset {dataset} --backbone {backbone}`"
+    try:
+        store = open_features(ctx.catalog, dataset, backbone)
+        store.rows_for(image_ids)
+    except FeatureStoreError as error:
+        raise StageError(str(error) if command in str(error) else f"{error}; {command}") from None
+    if store.missing_shards():
+        missing = sum(len(rows) for _, rows in store.missing_shards())
+        raise StageError(f"{store.path}: features of {missing} image(s) are not computed yet; {command}")
+    return backbone, store
+
+
+def plan_dataset(ctx: StageContext, dataset: str, batch_size: int) -> DatasetPlan:
+    """Read the dataset's test pairs and feature store, resolve the settings and cut the batches."""
+    if not normalize_stage.status(ctx, dataset).complete:
+        raise StageError(
+            f"dataset {dataset!r} is not normalised yet; run `pipeline run --stage normalize --dataset {dataset}`"
+        )
+    images, pairs = normalize_stage.read_tables(ctx.catalog.normalized_dir(dataset))
+    test = pairs.filter(pc.equal(pairs["split"], SPLIT)).sort_by("pair_id").select(list(PAIR_COLUMNS))
+    if test.num_rows == 0:
+        found = ", ".join(sorted(set(pairs["split"].to_pylist()))) or "none"
+        raise StageError(
+            f"dataset {dataset!r} has no pairs of split {SPLIT!r} (the split the match stage scores); "
+            f"its splits: {found}"
+        )
+    rows = test.to_pylist()
+    image_ids = [pair[side] for pair in rows for side in ("src_image_id", "trg_image_id")]
+    backbone, store = _open_store(ctx, dataset, image_ids)
+    sizes = {
+        r["image_id"]: (r["width"], r["height"]) for r in images.select(["image_id", "width", "height"]).to_pylist()
+    }
+    settings = resolve_settings(ctx.catalog, ctx.options.matchers, ctx.options.overrides, store_key(store))
+    if not settings:
+        raise CatalogError(f"{ctx.catalog.path}: the catalog defines no matchers; add one under matchers:")
+    return DatasetPlan(
+        dataset=dataset,
+        backbone=backbone,
+        store=store,
+        settings=settings,
+        batches=[tuple(rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)],
+        image_sizes=sizes,
+    )
+
+
+def _drop_stale_batches(run_folder: Path, plan: DatasetPlan) -> None:
+    """Remove parts and markers of batch indices the dataset no longer has (it shrank since a last run)."""
+    ledger = _ledger(run_folder)
+    for setting in plan.settings:
+        for table in results.TABLES:
+            folder = results.part_path(run_folder, table, plan.dataset, setting.key, 0).parent
+            for part in folder.glob("part-*.parquet"):
+                batch = int(part.stem.removeprefix("part-"))
+                if batch >= len(plan.batches):
+                    part.unlink()
+                    ledger.clear(ledger_unit(plan.dataset, setting.key, batch))
+
+
+def _record_config(ctx: StageContext, run_folder: Path, plans: Sequence[DatasetPlan], batch_size: int) -> None:
+    results.update_run_config(
+        run_folder,
+        {
+            "run": ctx.options.run_name,
+            "catalog": ctx.catalog.path,
+            "split": SPLIT,
+            "alphas": list(ctx.catalog.evaluation.alphas),
+            "pairs_per_batch": batch_size,
+            "datasets": {
+                plan.dataset: {
+                    "backbone": plan.backbone,
+                    "backbone_key": plan.backbone_key,
+                    "feature_store": plan.store.path,
+                    "random_weights": plan.store.random_weights,
+                    "n_pairs": sum(len(batch) for batch in plan.batches),
+                }
+                for plan in plans
+            },
+            "settings": {setting.key: setting.describe() for plan in plans for setting in plan.settings},
+        },
+    )
+
+
+def _run_tasks(client: Client, tasks: Sequence[BatchTask], progress: bool) -> list[tuple[BatchTask, BaseException]]:
+    """Submit every task (one retry each) and wait for all; returns the tasks that failed twice."""
+    futures = {client.submit(match_batch, task, retries=1, pure=False): task for task in tasks}
+    failures = []
+    total = sum(len(task.pairs) for task in tasks)
+    with progress_bar(enabled=progress, total=total, desc="match", unit="pair") as bar:
+        for future in as_completed(futures):
+            if future.status == "error":
+                failures.append((futures[future], future.exception()))
+            else:
+                bar.update(future.result())
+    return failures
+
+
+def match(ctx: StageContext, batch_size: int) -> None:
+    """The stage's work in batches of ``batch_size`` pairs (``run`` uses ``PAIRS_PER_BATCH``)."""
+    run_folder = results.run_dir(ctx.catalog.stores.outputs, ctx.options.run_name)
+    plans = [plan_dataset(ctx, dataset, batch_size) for dataset in ctx.datasets]
+    _record_config(ctx, run_folder, plans, batch_size)
+    ledger = _ledger(run_folder)
+    tasks = []
+    for plan in plans:
+        _drop_stale_batches(run_folder, plan)
+        tasks += [
+            task for task in plan.tasks(ctx.catalog, run_folder) if ctx.options.force or not _is_done(ledger, task)
+        ]
+    for task in tasks:
+        ledger.clear(task.unit)
+    failures = []
+    if tasks:
+        log.info("match: %d batch(es) of %d pair(s) to compute", len(tasks), sum(len(t.pairs) for t in tasks))
+        with dask_client(ctx.catalog.cluster, ctx.options.scheduler) as client:
+            failures = _run_tasks(client, tasks, ctx.options.progress)
+    else:
+        log.info("match: every batch of run %r is already done", ctx.options.run_name)
+    summary = results.write_summary(run_folder)
+    log.info("match summary of run %r (%s):\n%s", ctx.options.run_name, run_folder, results.summary_markdown(summary))
+    if failures:
+        lines = [
+            f"{task.dataset} {task.setting.label} ({task.setting.key}) batch {task.batch}, pairs "
+            f"{', '.join(task.pair_ids)}: {type(error).__name__}: {error}"
+            for task, error in failures
+        ]
+        raise StageError(
+            f"match: {len(failures)} of {len(tasks)} batch(es) failed twice; the others are stored and the next "
+            "run computes only these:\n  " + "\n  ".join(lines)
+        )
+
+
+def run(ctx: StageContext) -> None:
+    """Match every selected dataset's test pairs under every selected setting; write parts and the summary."""
+    match(ctx, PAIRS_PER_BATCH)
+
+
+def status(ctx: StageContext, dataset: str) -> StageStatus:
+    """Batches x settings recorded in the run's ledger, of those the dataset's test pairs need."""
+    run_folder = results.run_dir(ctx.catalog.stores.outputs, ctx.options.run_name)
+    batch_size = results.read_run_config(run_folder).get("pairs_per_batch", PAIRS_PER_BATCH)
+    try:
+        plan = plan_dataset(ctx, dataset, batch_size)
+    except (StageError, CatalogError) as error:
+        return StageStatus(0, None, str(error))
+    ledger = _ledger(run_folder)
+    tasks = plan.tasks(ctx.catalog, run_folder)
+    done = sum(_is_done(ledger, task) for task in tasks)
+    detail = f"run {ctx.options.run_name}: {len(plan.settings)} setting(s) x {len(plan.batches)} batch(es)"
+    return StageStatus(done, len(tasks), detail)
+
+
+def _setting_key(config: dict[str, Any], matcher: str, run: str) -> str:
+    """The key of the run's setting named ``matcher`` (a key, a label, or a matcher with one setting)."""
+    settings = config.get("settings", {})
+    exact = [key for key, s in settings.items() if matcher in (key, s["label"])]
+    named = [key for key, s in settings.items() if s["name"] == matcher]
+    found = exact or named
+    if len(found) != 1:
+        listing = ", ".join(f"{s['label']} ({key})" for key, s in sorted(settings.items())) or "none"
+        problem = "matches several settings" if found else "is not a setting of the run"
+        raise StageError(f"--matcher {matcher!r} {problem} {run!r}; pass a label or key of: {listing}")
+    return found[0]
+
+
+def export_tss(catalog: Catalog, run: str, matcher: str, out: str | Path, dataset: str | None = None) -> int:
+    """Copy a setting's predicted TSS flows into ``out/<subset>/<pair>/flow1.flo, flow2.flo`` (the kit's
+    layout); returns the number of pairs. ``matcher`` is a setting's label or key, or a matcher name that
+    has one setting in the run; ``dataset`` is needed only when several datasets of the run have flows."""
+    run_folder = results.run_dir(catalog.stores.outputs, run)
+    config = results.read_run_config(run_folder)
+    if not config:
+        raise StageError(f"no run {run!r} in {run_folder}; run `pipeline run --stage match --run {run}` first")
+    key = _setting_key(config, matcher, run)
+    with_flows = [d for d in config.get("datasets", {}) if results.flows_dir(run_folder, d, key).is_dir()]
+    if dataset is None and len(with_flows) != 1:
+        raise StageError(
+            f"run {run!r} has TSS flows of {key} for datasets {with_flows or 'none'}; pass --dataset NAME"
+            if with_flows
+            else f"run {run!r} has no TSS flows for setting {key}; match a TSS dataset with it first"
+        )
+    source = results.flows_dir(run_folder, dataset or with_flows[0], key)
+    pair_dirs = sorted(p for p in source.glob("*/*") if p.is_dir())
+    incomplete = [
+        f"{p.parent.name}/{p.name}" for p in pair_dirs if not all((p / f"flow{n}.flo").is_file() for n in (1, 2))
+    ]
+    if incomplete or not pair_dirs:
+        raise StageError(f"{source}: pairs lacking flow1.flo or flow2.flo: {incomplete or 'all'}; finish the match run")
+    for pair_dir in pair_dirs:
+        target = Path(out) / pair_dir.parent.name / pair_dir.name
+        target.mkdir(parents=True, exist_ok=True)
+        for n in (1, 2):
+            shutil.copyfile(pair_dir / f"flow{n}.flo", target / f"flow{n}.flo")
+    return len(pair_dirs)
+
+
+def default_tss_dir(catalog: Catalog) -> Path:
+    """``<data_root>/raw/<first tss dataset>/TSS_CVPR2016``: the ground truth ``score-tss`` uses by default."""
+    names = [name for name, spec in catalog.datasets.items() if spec.kind == "tss"]
+    if not names:
+        raise CatalogError(f"{catalog.path}: no dataset of kind tss; pass --dataset-dir TSS_CVPR2016_FOLDER")
+    return catalog.raw_dir(names[0]) / TSS_ROOT
+
+
+def _grey_mask(path: Path) -> np.ndarray:
+    """A mask as OpenCV's IMREAD_GRAYSCALE renders it: palette colours through their luma (matches the kit)."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L"))
+
+
+def score_tss_folders(results_dir: str | Path, dataset_dir: str | Path) -> dict[str, TssScores]:
+    """Score predictions in the kit's layout against the ground truth, per subset.
+
+    ``results_dir`` holds subset folders (``FG3DCar``, ``JODS``, ``PASCAL``) of pair folders, each scored
+    against ``dataset_dir/<subset>``; or it is one subset's folder of pair folders, scored against
+    ``dataset_dir/<its name>`` when that exists, else against ``dataset_dir`` itself. SegIUR is scored where
+    predicted masks (``mask1.png``, ``mask2.png``) exist.
+    """
+    results_dir, dataset_dir = Path(results_dir), Path(dataset_dir)
+    subsets = sorted(p for p in results_dir.iterdir() if p.is_dir() and p.name in TSS_SUBSETS)
+    if subsets:
+        return {p.name: score_tss_results(p, dataset_dir / p.name, read_mask=_grey_mask) for p in subsets}
+    ground_truth = dataset_dir / results_dir.name if (dataset_dir / results_dir.name).is_dir() else dataset_dir
+    return {results_dir.name: score_tss_results(results_dir, ground_truth, read_mask=_grey_mask)}
