@@ -425,7 +425,7 @@ def match(ctx: StageContext, batch_size: int) -> None:
     else:
         log.info("match: every batch of run %r is already done", ctx.options.run_name)
     summary = results.write_summary(run_folder)
-    log.info("match summary of run %r (%s):\n%s", ctx.options.run_name, run_folder, results.summary_markdown(summary))
+    log.info("match: %d summary row(s) of run %r in %s", len(summary), ctx.options.run_name, run_folder / "summary.md")
     if failures:
         lines = [
             f"{task.dataset} {task.setting.label} ({task.setting.key}) batch {task.batch}, pairs "
