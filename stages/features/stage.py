@@ -58,17 +58,14 @@ def resolve_backbone(catalog: Catalog, name: str | None) -> BackboneSpec:
     return catalog.backbone(name)
 
 
+def backbone_options(spec: BackboneSpec) -> dict[str, Any]:
+    """The keyword arguments of ``create_backbone``/``backbone_key_params`` that a catalog backbone sets."""
+    return {"weights": spec.weights, "image_size": spec.image_size, "layer": spec.layer, "flip": spec.flip}
+
+
 def store_params(spec: BackboneSpec, device: str) -> dict[str, Any]:
     """The store's key parameters: the backbone's ``key_params`` on ``device`` plus the storage dtype."""
-    params = backbone_key_params(
-        spec.model,
-        weights=spec.weights,
-        image_size=spec.image_size,
-        layer=spec.layer,
-        flip=spec.flip,
-        device=device,
-    )
-    return {**params, "dtype": spec.dtype}
+    return {**backbone_key_params(spec.model, **backbone_options(spec), device=device), "dtype": spec.dtype}
 
 
 def features_path(catalog: Catalog, dataset: str, params: dict[str, Any]) -> str:
@@ -158,7 +155,7 @@ _BACKBONES_LOCK = threading.Lock()
 
 def _worker_backbone(spec: BackboneSpec, device: str) -> Backbone:
     """The backbone of ``spec`` on ``device``, loaded once per worker process and keyed by its key params."""
-    options = {"weights": spec.weights, "image_size": spec.image_size, "layer": spec.layer, "flip": spec.flip}
+    options = backbone_options(spec)
     key = stable_hash(backbone_key_params(spec.model, **options, device=device))
     with _BACKBONES_LOCK:
         if key not in _BACKBONES:

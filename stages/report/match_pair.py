@@ -28,7 +28,7 @@ from pipeline.catalog import BackboneSpec, MatcherSpec
 from pipeline.errors import DataError, PipelineError
 from stages.features.backbones import backbone_key, create_backbone
 from stages.features.canvas import CanvasTransform
-from stages.features.stage import shard_features, store_params
+from stages.features.stage import backbone_options, shard_features, store_params
 from stages.match import transfer_keypoints
 from stages.match.settings import MatcherSetting, parse_params
 from stages.match.stage import readout_options, solve
@@ -144,14 +144,7 @@ def match_pair(
     device = device or _default_device()
     # The matchers read no mirrored features: compute none, whatever the catalog's `flip`.
     spec = dataclasses.replace(backbone, flip=False)
-    model = create_backbone(
-        spec.model,
-        weights=spec.weights,
-        image_size=spec.image_size,
-        layer=spec.layer,
-        flip=spec.flip,
-        device=device,
-    )
+    model = create_backbone(spec.model, **backbone_options(spec), device=device)
     # The features stage would store these very tokens (float16, as here) under this key and parameters.
     params = store_params(spec, device)
     store_key = backbone_key(params)
