@@ -61,6 +61,7 @@ def cli(ctx: click.Context, catalog_path: Path, verbose: int, quiet: bool) -> No
 @click.option("--dataset", "datasets", multiple=True, help="Dataset(s) from the catalog; without it, all.")
 @click.option("--force", is_flag=True, help="Recompute work that is already done.")
 @click.option("--skip-bad", is_flag=True, help="normalize: record malformed items in a report instead of stopping.")
+@click.option("--verify", is_flag=True, help="features: check every stored chunk and recompute corrupted shards.")
 @click.option(
     "--archive",
     "archives",
@@ -95,6 +96,7 @@ def run(
     datasets: tuple[str, ...],
     force: bool,
     skip_bad: bool,
+    verify: bool,
     archives: tuple[Path, ...],
     backbone: str | None,
     scheduler: str | None,
@@ -114,6 +116,7 @@ def run(
     options = RunOptions(
         force=force,
         skip_bad=skip_bad,
+        verify=verify,
         archives=dict(by_dataset),
         progress=not ctx.obj["quiet"],
         scheduler=scheduler,

@@ -14,6 +14,7 @@ class RunOptions:
     """Command-line choices that apply to every stage of one ``pipeline run``."""
 
     force: bool = False  # recompute units that are already committed
+    verify: bool = False  # features: read every stored chunk back and recompute shards that fail a checksum
     skip_bad: bool = False  # record malformed items in a report instead of stopping (normalize)
     archives: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)  # dataset -> hand-placed files
     progress: bool = True  # show progress bars

@@ -311,7 +311,7 @@ class FeatureStore:
         shard = row // self.shard_size
         raise CorruptFeaturesError(
             f"{self.path}: the stored features of image {self.image_ids[row]!r} (row {row}, shard {shard}) "
-            f"{problem}; run `verify()` or the features stage again to recompute the shard",
+            f"{problem}; run `pipeline run --stage features --verify` to recompute the shard",
             shard,
         )
 

@@ -265,11 +265,13 @@ def test_a_corrupted_chunk_is_detected_and_recomputed(catalog, clean_store, forw
     data = bytearray(shard_file.read_bytes())
     data[100:110] = bytes(b ^ 0xFF for b in data[100:110])  # inside the first chunk's float16 values
     shard_file.write_bytes(bytes(data))
-    with pytest.raises(CorruptFeaturesError, match=r"image '001-.*\(row 2, shard 1\) fails its checksum"):
+    with pytest.raises(CorruptFeaturesError, match=r"image '001-.*\(row 2, shard 1\) fails its checksum.*--verify"):
         FeatureStore.open(store.path).read(2)
     forward_calls.clear()
+    extract(catalog, "vits", shard_size=2)
+    assert forward_calls == []  # without --verify, a complete store is not read back
     with caplog.at_level(logging.WARNING, logger="stages.features.stage"):
-        repaired = extract(catalog, "vits", shard_size=2)
+        repaired = extract(catalog, "vits", shard_size=2, verify=True)
     assert "features demo: shard(s) [1] failed their checksum and are recomputed" in caplog.text
     assert forward_calls == [2]
     assert_same_store(repaired, clean_store)
