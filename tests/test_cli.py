@@ -42,6 +42,13 @@ def zip_folder(folder: Path, archive: Path, corrupt: str | None = None) -> bytes
     return archive.read_bytes()
 
 
+TSS_OFFLINE = """
+stores: {data_root: data}
+datasets:
+  tss: {kind: tss, sources: [{url: "http://127.0.0.1:9/TSS_CVPR2016.zip", filename: TSS_CVPR2016.zip}]}
+"""
+
+
 @pytest.fixture
 def tss_zip(tmp_path, shared_fixtures) -> bytes:
     return zip_folder(shared_fixtures / "tss" / "TSS_CVPR2016", tmp_path / "TSS_CVPR2016.zip")
@@ -80,6 +87,12 @@ def test_demo_download_normalize_status_and_a_rerun_that_does_nothing(tmp_path):
     status = invoke(catalog, "status").output.splitlines()
     assert any(line.split()[:3] == ["demo", "download", "done"] for line in status)
     assert any(line.split()[:4] == ["demo", "normalize", "done", "1/1"] for line in status)
+
+
+def test_normalize_alone_generates_the_offline_demo(tmp_path):
+    catalog = write_catalog(tmp_path, DEMO_CATALOG)
+    assert invoke(catalog, "run", "--stage", "normalize", "--dataset", "demo").exit_code == 0
+    assert len(pd.read_parquet(tmp_path / "data" / "normalized" / "demo" / "pairs.parquet")) == 2
 
 
 def test_force_redoes_the_work(tmp_path):
@@ -140,7 +153,7 @@ def test_offline_download_fails_fast_with_the_manual_fix_then_uses_the_hand_plac
     [
         (DEMO_CATALOG + "colour: blue\n", ("status",), "unknown top-level key(s) 'colour'"),
         (DEMO_CATALOG, ("run", "--dataset", "spair"), "unknown dataset 'spair'; the catalog defines: demo"),
-        (DEMO_CATALOG, ("run", "--stage", "normalize"), "run `pipeline run --stage download --dataset demo`"),
+        (TSS_OFFLINE, ("run", "--stage", "normalize"), "run `pipeline run --stage download --dataset tss`"),
     ],
 )
 def test_user_errors_are_one_clear_line(tmp_path, catalog_text, args, message):

@@ -30,6 +30,10 @@ def run(ctx: StageContext) -> None:
         if ledger.is_done(UNIT) and not ctx.options.force:
             log.info("normalize %s: already done", name)
             continue
+        spec = ctx.catalog.dataset(name)
+        if not spec.sources and not download_stage.status(ctx, name).complete:
+            # A generated dataset (the demo) has nothing to download: make it here, offline and cheap.
+            download_stage.run(StageContext(catalog=ctx.catalog, datasets=(name,), options=ctx.options))
         if not download_stage.status(ctx, name).complete:
             raise StageError(
                 f"dataset {name!r} is not downloaded yet; run `pipeline run --stage download --dataset {name}`"
