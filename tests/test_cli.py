@@ -174,3 +174,34 @@ def test_console_script_is_installed():
     script = Path(sys.executable).parent / "pipeline"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "run" in result.stdout and "status" in result.stdout
+
+
+def test_match_pair_on_two_photos_writes_pictures_and_points(tmp_path):
+    import json
+
+    from PIL import Image
+    from skimage import data
+
+    photo = data.astronaut()
+    Image.fromarray(photo).save(tmp_path / "src.png")
+    Image.fromarray(photo[40:440, 60:460]).resize((300, 300)).save(tmp_path / "trg.jpg")
+    catalog = write_catalog(
+        tmp_path,
+        """
+backbones: {daisy: {model: daisy, weights: none, image_size: 112}}
+default_backbone: daisy
+matchers: {nn: {method: nn}, gwot: {method: gwot, params: {outer_iters: 3, inner_iters: 30}}}
+""",
+    )
+    out = tmp_path / "pictures"
+    args = ["match-pair", str(tmp_path / "src.png"), str(tmp_path / "trg.jpg"), "--out", str(out)]
+    result = invoke(catalog, *args, "--points", "200,150 300,300")
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "src-trg.json").read_text())
+    for name in ("nn", "gwot"):
+        assert (out / f"src-trg-{name}.png").is_file()
+        assert record["matchers"][name]["points"] == [[200.0, 150.0], [300.0, 300.0]]
+        assert all(0 <= x < 300 and 0 <= y < 300 for x, y in record["matchers"][name]["predictions"])
+
+    missing = CliRunner().invoke(cli, ["--catalog", str(catalog), "match-pair", str(tmp_path / "nope.png"), args[2]])
+    assert missing.exit_code == 1 and "nope.png" in missing.output
