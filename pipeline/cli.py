@@ -1,4 +1,4 @@
-"""The ``pipeline`` command line: run stages, show their status, export and score TSS flows."""
+"""The ``pipeline`` command line: run stages, show their status, build reports, export and score TSS flows."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def cli(ctx: click.Context, catalog_path: Path, verbose: int, quiet: bool) -> No
     default="default",
     show_default=True,
     metavar="NAME",
-    help="match: results go to <outputs>/NAME.",
+    help="match, report: results go to <outputs>/NAME.",
 )
 @click.pass_context
 def run(
@@ -128,6 +128,10 @@ def run(
     run_stages(catalog, stages, datasets, options)
     if "match" in (stages or STAGE_ORDER):
         click.echo((results.run_dir(catalog.stores.outputs, run_name) / "summary.md").read_text())
+    if "report" in (stages or STAGE_ORDER):
+        from stages.report.stage import report_dir  # the stage ran: its imports are loaded already
+
+        click.echo(f"report: {report_dir(results.run_dir(catalog.stores.outputs, run_name)) / 'index.html'}")
 
 
 @cli.command()
@@ -142,6 +146,18 @@ def status(ctx: click.Context, datasets: tuple[str, ...]) -> None:
         state = "done" if st.complete else ("partial" if st.done else "missing")
         count = f"{st.done}/{st.total if st.total is not None else '?'}"
         click.echo(f"{dataset:<14} {stage:<10} {state:<9} {count:>11}  {st.detail}")
+
+
+@cli.command()
+@click.option(
+    "--run", "run_name", default="default", show_default=True, metavar="NAME", help="The run: <outputs>/NAME."
+)
+@click.pass_context
+def report(ctx: click.Context, run_name: str) -> None:
+    """Build the report of an existing run: tables, plots and match pictures in <outputs>/NAME/report/."""
+    from stages.report.stage import build_report  # imports matplotlib: only when needed
+
+    click.echo(f"report: {build_report(load_catalog(ctx.obj['catalog_path']), run_name).index}")
 
 
 @cli.command("export-tss")

@@ -20,6 +20,7 @@ STAGES = {
     "normalize": "stages.datasets.stage",
     "features": "stages.features.stage",
     "match": "stages.match.stage",
+    "report": "stages.report.stage",
 }
 STAGE_ORDER = tuple(STAGES)
 

@@ -1,1 +1,1 @@
-"""Reports: pictures of matches (:mod:`.draw`) and matching a user's own image pair (:mod:`.match_pair`)."""
+"""Pictures and reports: the report stage (tables, plots, HTML/Markdown), correspondence drawings, match-pair."""

@@ -1,0 +1,323 @@
+"""The report stage: tables, plots and match pictures of a run, as ``<outputs>/<run>/report/index.html``.
+
+Numbers come from the run's Parquet tables alone (:mod:`pipeline.results`, computed by :mod:`.tables`);
+the match pictures (:mod:`.pictures`) also read the normalised images and the stored TSS flows. The report
+covers every dataset and setting of the run. ``report/`` holds ``index.html``, ``report.md`` (the same
+content) and the PNGs; it is rebuilt whole and swapped in atomically, so it never mixes two builds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline import results
+from pipeline.cache import atomic_path
+from pipeline.catalog import Catalog
+from pipeline.context import StageContext, StageStatus
+from pipeline.errors import StageError
+from stages.report import plots, tables
+from stages.report.html import Alert, Block, Picture, Section, Table, Text, write_documents
+from stages.report.pictures import match_pictures, percent, slug
+
+log = logging.getLogger(__name__)
+
+REPORT_DIR = "report"
+SHORT = {"per_image": "img", "per_keypoint": "kp", "all_directions": "all", "without_flip": "w/o flip"}
+ALPHA = tables.REPORT_ALPHA
+
+
+@dataclass(frozen=True)
+class Report:
+    """A built report: its two documents, the numbers behind its tables by name, and its PNG files."""
+
+    index: Path
+    markdown: Path
+    tables: dict[str, pd.DataFrame]
+    pictures: tuple[Path, ...]
+
+
+def report_dir(run_folder: str | Path) -> Path:
+    """The folder of a run's report."""
+    return Path(run_folder) / REPORT_DIR
+
+
+def _backbone(frame: pd.DataFrame) -> pd.Series:
+    """The backbone column as shown: random weights are marked on every row they touch."""
+    return frame["backbone"] + frame["random_weights"].map({True: " (RANDOM weights)", False: ""})
+
+
+def _pck_columns(table: pd.DataFrame, index: Sequence[str], difference: bool = False) -> pd.DataFrame:
+    """One row per ``index`` group of a PCK table; columns ``PCK@alpha img`` and ``kp`` at each alpha, in
+    % (with ``difference``: signed percentage points, headed ``Δ``)."""
+    rows = []
+    for keys, group in table.groupby(list(index), sort=True, observed=True):
+        row = dict(zip(index, keys, strict=True))
+        for r in group.sort_values("alpha").itertuples(index=False):
+            for averaging in ("per_image", "per_keypoint"):
+                value = getattr(r, averaging)
+                name = f"{'Δ ' if difference else ''}PCK@{r.alpha:g} {SHORT[averaging]}"
+                row[name] = f"{100 * value:+.1f}" if difference else percent(value)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _by_setting(table: pd.DataFrame, index: Sequence[str]) -> pd.DataFrame:
+    """One row per ``index`` group, one column per setting label holding ``img / kp`` PCK in %."""
+    cells = [f"{percent(i)} / {percent(k)}" for i, k in zip(table["per_image"], table["per_keypoint"], strict=True)]
+    wide = table.assign(cell=cells).pivot_table(
+        index=list(index), columns="matcher_label", values="cell", aggfunc="first"
+    )
+    return wide.fillna("-").reset_index().rename_axis(columns=None).rename(columns={"n_pairs": "pairs"})
+
+
+def _run_section(run_name: str, run_folder: Path, pairs: pd.DataFrame) -> Section:
+    datasets = ", ".join(sorted(pairs["dataset"].unique()))
+    blocks: list[Block] = [
+        Text(
+            f"Run {run_name} ({run_folder}): datasets {datasets}; {pairs['matcher'].nunique()} matcher "
+            f"setting(s); {len(pairs)} results (pair x setting). Built from the run's Parquet tables alone."
+        )
+    ]
+    random = pairs.loc[pairs["random_weights"], ["backbone", "backbone_key"]].drop_duplicates()
+    if not random.empty:
+        stores = ", ".join(sorted(f"{b} ({k})" for b, k in random.itertuples(index=False)))
+        blocks.insert(
+            0,
+            Alert(
+                f"RANDOM WEIGHTS: the features of {stores} come from an untrained network (the pretrained "
+                "weights were not available). Their numbers measure the pipeline, not the method."
+            ),
+        )
+    return Section("Run", tuple(blocks))
+
+
+def _headline_section(pairs: pd.DataFrame, headline: pd.DataFrame, difference: pd.DataFrame) -> Section:
+    kinds = "; ".join(
+        f"{kind} = {results.REFERENCE_LENGTHS.get(kind, kind)}" for kind in sorted(pairs["threshold_kind"].unique())
+    )
+    protocol = Text(
+        f"Protocol. A keypoint is correct at alpha when its error <= alpha x the reference length ({kinds}), "
+        "all in original pixels of the target image. PCK per image (img) is the mean over pairs with "
+        "keypoints of each pair's fraction correct; PCK per keypoint (kp) pools the correct keypoints of all "
+        "pairs. Values in %. Split: test."
+    )
+    if headline.empty:
+        return Section("Headline: PCK per image and per keypoint", (Text("No pair of the run has keypoints."),))
+    index = ["dataset", "matcher_label", "backbone", "threshold_kind", "n_pairs", "n_keypoints"]
+    table = _pck_columns(headline.assign(backbone=_backbone(headline)), index)
+    names = {
+        "matcher_label": "matcher",
+        "threshold_kind": "threshold",
+        "n_pairs": "pairs",
+        "n_keypoints": "keypoints",
+    }
+    blocks: list[Block] = [
+        protocol,
+        Table(table.rename(columns=names), "PCK of every dataset and matcher setting"),
+    ]
+    if not difference.empty:
+        delta = _pck_columns(difference, ["dataset", "backbone", "gwot_label", "nn_label"], difference=True)
+        caption = "GWOT - NN: each GWOT setting minus the NN setting of its dataset and backbone (points)"
+        blocks.append(Table(delta.rename(columns={"gwot_label": "GWOT", "nn_label": "NN"}), caption))
+    return Section("Headline: PCK per image and per keypoint", tuple(blocks))
+
+
+def _flow_section(flow: pd.DataFrame) -> Section:
+    text = Text(
+        "TSS kit protocol: the share of ground-truth pixels whose predicted flow is within T% of the target "
+        "image's larger side, in original pixels, averaged over directions (w/o flip: only pairs with "
+        "flip_gt = 0). T5 is the kit's headline number. Values in %."
+    )
+    index = ["dataset", "subset", "matcher_label", "backbone", "averaging", "n_pairs"]
+    columns = [f"T{t}" for t in tables.FLOW_THRESHOLDS]
+    shown = flow.assign(backbone=_backbone(flow), averaging=flow["averaging"].map(SHORT))
+    table = shown[[*index, *columns]].sort_values(index[:5], ignore_index=True)
+    table[columns] = table[columns].map(percent)
+    table = table.rename(columns={"matcher_label": "matcher", "n_pairs": "directions"})
+    return Section("Dense flow accuracy (TSS kit protocol)", (text, Table(table, "Flow accuracy per subset")))
+
+
+def _curve_pictures(folder: Path, curves: pd.DataFrame) -> list[Block]:
+    blocks: list[Block] = []
+    for dataset, rows in curves.groupby("dataset", sort=True):
+        file = f"pck-curve-{slug(dataset)}.png"
+        plots.plot_pck_curves(rows, title=f"{dataset}: PCK against alpha", marker_alpha=ALPHA, path=folder / file)
+        blocks.append(Picture(file, f"{dataset}: PCK per keypoint against alpha (0 to 0.2), every setting"))
+    return blocks
+
+
+def _error_pictures(folder: Path, at_alpha: pd.DataFrame, references: dict[tuple[str, str, str], str]) -> list[Block]:
+    """Per dataset, overlaid histograms of every pair's ``1 - PCK@ALPHA`` under each reference setting."""
+    blocks: list[Block] = []
+    for dataset, rows in at_alpha.groupby("dataset", sort=True):
+        several = rows["backbone_key"].nunique() > 1
+        errors = {}
+        for (d, backbone_key, _), key in sorted(references.items()):
+            setting = rows[rows["matcher"] == key]
+            if d == dataset and not setting.empty:
+                name = setting["matcher_label"].iloc[0] + (f" ({backbone_key})" if several else "")
+                errors[name] = 1 - setting["pck"].to_numpy()
+        file = f"pair-error-{slug(dataset)}.png"
+        title = f"{dataset}: per-pair error, NN against GWOT"
+        plots.plot_error_histograms(errors, title=title, xlabel=f"1 - PCK@{ALPHA:g} of a pair", path=folder / file)
+        blocks.append(Picture(file, f"{dataset}: distribution over pairs of 1 - PCK@{ALPHA:g} (per image)"))
+    return blocks
+
+
+def _category_blocks(folder: Path, categories: pd.DataFrame) -> list[Block]:
+    blocks: list[Block] = []
+    for dataset, rows in categories.groupby("dataset", sort=True):
+        file = f"categories-{slug(dataset)}.png"
+        plots.plot_grouped_bars(
+            rows,
+            group="category",
+            value="per_image",
+            title=f"{dataset}: PCK@{ALPHA:g} per category",
+            ylabel=f"PCK@{ALPHA:g} per image (%)",
+            path=folder / file,
+        )
+        blocks += [
+            Table(
+                _by_setting(rows, ["category", "n_pairs"]),
+                f"{dataset}: PCK@{ALPHA:g} per category, img / kp (%)",
+            ),
+            Picture(file, f"{dataset}: PCK@{ALPHA:g} per image, per category"),
+        ]
+    return blocks
+
+
+def _difficulty_blocks(difficulty: dict[str, pd.DataFrame]) -> list[Block]:
+    return [
+        Table(_by_setting(rows, [column, "n_pairs"]), f"{dataset}: PCK@{ALPHA:g} by {column}, img / kp (%)")
+        for column, table in difficulty.items()
+        for dataset, rows in table.groupby("dataset", sort=True)
+    ]
+
+
+def _sweep_blocks(folder: Path, sweeps: pd.DataFrame) -> list[Block]:
+    blocks: list[Block] = []
+    if sweeps.empty:
+        return blocks
+    for (dataset, backbone_key, method), sweep in sweeps.groupby(["dataset", "backbone_key", "method"], sort=True):
+        swept = tables.swept_parameters(sweep)
+        shown = sweep[["matcher_label", *swept, "n_pairs"]].rename(
+            columns={"matcher_label": "setting", "n_pairs": "pairs"}
+        )
+        for averaging in ("per_image", "per_keypoint"):
+            shown[f"PCK@{ALPHA:g} {SHORT[averaging]}"] = sweep[averaging].map(percent)
+        blocks.append(Table(shown, f"{dataset}: settings of {method} on {backbone_key}, PCK@{ALPHA:g} (%)"))
+        for parameter in swept:
+            file = f"sweep-{slug(dataset)}-{slug(backbone_key)}-{method}-{slug(parameter)}.png"
+            others = [other for other in swept if other != parameter]
+            title = f"{dataset}: {method} PCK@{ALPHA:g} against {parameter}"
+            plots.plot_sweep(sweep, parameter, others, title=title, path=folder / file)
+            blocks.append(Picture(file, f"{dataset}: PCK@{ALPHA:g} of {method} against {parameter}"))
+    return blocks
+
+
+def _settings_section(pairs: pd.DataFrame) -> Section:
+    keys = ["dataset", "matcher", "matcher_label", "method", "backbone", "backbone_key", "random_weights"]
+    table = (
+        pairs.groupby([*keys, "params_json"], sort=True, observed=True)
+        .agg(pairs=("pair_id", "size"), seconds=("solve_seconds", "mean"))
+        .reset_index()
+    )
+    table["seconds"] = table["seconds"].map(lambda seconds: f"{seconds:.3g}")
+    names = {
+        "matcher": "key",
+        "matcher_label": "setting",
+        "params_json": "parameters",
+        "seconds": "solve s/pair",
+    }
+    text = Text("Every setting of the run, with its parameters and mean solve time per pair.")
+    return Section("Settings", (text, Table(table.rename(columns=names))))
+
+
+def report_numbers(run: tables.RunResults) -> dict[str, pd.DataFrame]:
+    """Every table of the report as numbers (fractions), by name: ``headline``, ``gwot_minus_nn``,
+    ``pair_pck`` (per pair at ``REPORT_ALPHA``), ``categories``, ``by_<difficulty column>``, ``flow``,
+    ``curves`` and ``sweeps`` (the sweep tables, concatenated)."""
+    references = tables.reference_settings(run.pairs)
+    headline = tables.pck_table(results.pck_long(tables.scored_pairs(run.pairs)))
+    at_alpha = tables.pck_at(run.pairs, run.keypoints, ALPHA)
+    sweeps = tables.sweep_tables(tables.pck_table(at_alpha))
+    return {
+        "headline": headline,
+        "gwot_minus_nn": tables.gwot_minus_nn(headline, references),
+        "pair_pck": at_alpha,
+        "categories": tables.pck_table(at_alpha, ["category"]),
+        **{f"by_{column}": table for column, table in tables.difficulty_tables(at_alpha).items()},
+        "flow": tables.flow_accuracy_table(run.pairs),
+        "curves": tables.pck_curves(run.pairs, run.keypoints),
+        "sweeps": pd.concat(sweeps.values(), ignore_index=True) if sweeps else pd.DataFrame(),
+    }
+
+
+def _compose(
+    catalog: Catalog, run_name: str, run_folder: Path, run: tables.RunResults, folder: Path
+) -> tuple[list[Section], dict[str, pd.DataFrame]]:
+    """Draw every picture into ``folder``; returns the report's sections and the numbers behind them."""
+    numbers = report_numbers(run)
+    references = tables.reference_settings(run.pairs)
+    at_alpha = numbers["pair_pck"]
+    difficulty = {name.removeprefix("by_"): table for name, table in numbers.items() if name.startswith("by_")}
+    sections = [
+        _run_section(run_name, run_folder, run.pairs),
+        _headline_section(run.pairs, numbers["headline"], numbers["gwot_minus_nn"]),
+    ]
+    if not numbers["flow"].empty:
+        sections.append(_flow_section(numbers["flow"]))
+    optional = [
+        ("PCK against alpha", _curve_pictures(folder, numbers["curves"])),
+        ("Per-pair error: NN against GWOT", _error_pictures(folder, at_alpha, references)),
+        (f"Per category (PCK@{ALPHA:g})", _category_blocks(folder, numbers["categories"])),
+        ("By difficulty (SPair-71k annotations)", _difficulty_blocks(difficulty)),
+        ("Sweeps", _sweep_blocks(folder, numbers["sweeps"])),
+        (
+            f"Match pictures (best, median, worst by PCK@{ALPHA:g})",
+            match_pictures(catalog, folder, run_folder, run.keypoints, at_alpha, references),
+        ),
+    ]
+    sections += [Section(title, tuple(blocks)) for title, blocks in optional if blocks]
+    sections.append(_settings_section(run.pairs))
+    return sections, numbers
+
+
+def build_report(catalog: Catalog, run_name: str) -> Report:
+    """Build the report of run ``run_name`` under the catalog's outputs; StageError when it has no results."""
+    run_folder = results.run_dir(catalog.stores.outputs, run_name)
+    run = tables.load_run(run_folder)
+    if run.pairs.empty:
+        raise StageError(
+            f"run {run_name!r} has no results in {run_folder}; run `pipeline run --stage match --run {run_name}` first"
+        )
+    final = report_dir(run_folder)
+    with atomic_path(final) as folder:
+        folder.mkdir()
+        sections, numbers = _compose(catalog, run_name, run_folder, run, folder)
+        write_documents(folder, f"Report of run {run_name}", sections)
+        files = sorted(path.name for path in folder.glob("*.png"))
+    return Report(final / "index.html", final / "report.md", numbers, tuple(final / name for name in files))
+
+
+def run(ctx: StageContext) -> Path:
+    """Build the report of run ``ctx.options.run_name`` (all its datasets); returns its ``index.html``."""
+    report = build_report(ctx.catalog, ctx.options.run_name)
+    log.info("report of run %r: %s", ctx.options.run_name, report.index)
+    return report.index
+
+
+def status(ctx: StageContext, dataset: str) -> StageStatus:
+    """Done when the run's report exists and is newer than every result part of ``dataset``."""
+    run_folder = results.run_dir(ctx.catalog.stores.outputs, ctx.options.run_name)
+    parts = list((run_folder / "pairs" / f"dataset={dataset}").glob("matcher=*/part-*.parquet"))
+    if not parts:
+        return StageStatus(0, None, f"run {ctx.options.run_name}: no results of {dataset} yet")
+    index = report_dir(run_folder) / "index.html"
+    fresh = index.is_file() and index.stat().st_mtime_ns >= max(part.stat().st_mtime_ns for part in parts)
+    return StageStatus(int(fresh), 1, str(index) if fresh else f"{index}: missing or older than the results")

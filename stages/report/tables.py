@@ -1,0 +1,188 @@
+"""The report's numbers: pandas tables computed from a run's Parquet result tables (pairs and keypoints).
+
+Every PCK number follows the match stage's protocol: a keypoint is correct at ``alpha`` iff its error
+``<= alpha * ref_length`` in original target pixels; "per image" is the mean over pairs (with keypoints)
+of each pair's fraction correct, "per keypoint" pools the correct keypoints of all pairs. A long PCK frame
+(one row per setting, pair and alpha with ``n_correct``, ``n_kps`` and ``pck``) is aggregated by
+:func:`pck_table`; :func:`results.pck_long` gives it at the run's alphas, :func:`pck_at` at any alpha
+(from the keypoints table). Settings are told apart by their key (``matcher``), shown by their label.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline import results
+
+REPORT_ALPHA = 0.1  # the alpha of breakdowns, bars, histograms and picture ranking
+CURVE_ALPHAS = np.linspace(0.0, 0.2, 81)  # the PCK-against-alpha curves, step 0.0025
+FLOW_THRESHOLDS = (1, 5, 10)  # TSS kit thresholds shown: T1, T5 (the kit's headline) and T10
+DIFFICULTY_COLUMNS = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")  # SPair-71k
+SETTING_KEYS = [
+    "dataset", "backbone", "backbone_key", "random_weights", "matcher", "matcher_label", "method",
+    "params_json", "threshold_kind",
+]  # fmt: skip
+REFERENCE_METHODS = ("gwot", "nn")
+
+
+@dataclass(frozen=True)
+class RunResults:
+    """A run's result tables: ``pairs`` and ``keypoints`` (with ``dataset`` and ``matcher`` columns)."""
+
+    pairs: pd.DataFrame
+    keypoints: pd.DataFrame
+
+
+def load_run(run_folder: str | Path) -> RunResults:
+    """Read every part of the run's pairs and keypoints tables."""
+    return RunResults(results.read_results(run_folder, "pairs"), results.read_results(run_folder, "keypoints"))
+
+
+def scored_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
+    """The pair rows that have keypoints (the only ones PCK averages over)."""
+    return pairs[pairs["n_kps"] > 0]
+
+
+def pck_at(pairs: pd.DataFrame, keypoints: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    """One row per scored (pair, setting): the pair's columns with ``alpha``, ``n_correct`` and ``pck`` at
+    ``alpha``, counted from the keypoints table (``error <= alpha * ref_length``), so any alpha works."""
+    correct = keypoints.assign(correct=keypoints["error"] <= alpha * keypoints["ref_length"])
+    counts = correct.groupby(["dataset", "matcher", "pair_id"], observed=True)["correct"].sum().rename("n_correct")
+    scored = scored_pairs(pairs).drop(columns=["alphas", "n_correct", "pck"])
+    long = scored.merge(counts.reset_index(), on=["dataset", "matcher", "pair_id"], how="left", validate="1:1")
+    long["n_correct"] = long["n_correct"].fillna(0).astype("int64")
+    return long.assign(alpha=alpha, pck=long["n_correct"] / long["n_kps"])
+
+
+def pck_table(long: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
+    """PCK of each setting (and each group of the ``by`` columns) at each alpha of a long PCK frame.
+
+    Columns: ``SETTING_KEYS``, ``by``, ``alpha``, ``n_pairs``, ``n_keypoints``, ``per_image`` (mean of the
+    pairs' fractions), ``per_keypoint`` (pooled), both fractions in [0, 1]; sorted by those keys.
+    """
+    long = long[long["n_kps"] > 0]
+    grouped = long.groupby([*SETTING_KEYS, *by, "alpha"], observed=True, sort=True).agg(
+        n_pairs=("pair_id", "size"),
+        n_keypoints=("n_kps", "sum"),
+        correct=("n_correct", "sum"),
+        per_image=("pck", "mean"),
+    )
+    grouped["per_keypoint"] = grouped["correct"] / grouped["n_keypoints"]
+    return grouped.drop(columns="correct").reset_index()
+
+
+def reference_settings(pairs: pd.DataFrame) -> dict[tuple[str, str, str], str]:
+    """``(dataset, backbone_key, method) -> setting key`` of the setting each method is represented by in
+    comparisons and pictures: the one labelled with the method's plain name (``nn``, ``gwot``) when the run
+    has it, else the first by label."""
+    settings = pairs[["dataset", "backbone_key", "method", "matcher", "matcher_label"]].drop_duplicates()
+    settings = settings.assign(not_plain=settings["matcher_label"] != settings["method"])
+    chosen = settings.sort_values(["not_plain", "matcher_label", "matcher"]).groupby(
+        ["dataset", "backbone_key", "method"], observed=True, sort=True
+    )
+    return {keys: group["matcher"].iloc[0] for keys, group in chosen}
+
+
+def gwot_minus_nn(headline: pd.DataFrame, references: Mapping[tuple[str, str, str], str]) -> pd.DataFrame:
+    """For every GWOT setting, its PCK minus that of the reference NN setting of the same dataset and
+    backbone at each alpha: columns ``dataset``, ``backbone``, ``backbone_key``, ``threshold_kind``,
+    ``gwot_label``, ``nn_label``, ``alpha``, ``per_image``, ``per_keypoint`` (differences of fractions)."""
+    nn_keys = {key for (_, _, method), key in references.items() if method == "nn"}
+    keys = ["dataset", "backbone_key", "threshold_kind", "alpha"]
+    values = [*keys, "matcher_label", "per_image", "per_keypoint"]
+    nn = headline.loc[headline["matcher"].isin(nn_keys), values]
+    gwot = headline.loc[headline["method"] == "gwot", [*values, "backbone"]]
+    both = gwot.merge(nn, on=keys, suffixes=("_gwot", "_nn"), validate="m:1")
+    for averaging in ("per_image", "per_keypoint"):
+        both[averaging] = both[f"{averaging}_gwot"] - both[f"{averaging}_nn"]
+    both = both.rename(columns={"matcher_label_gwot": "gwot_label", "matcher_label_nn": "nn_label"})
+    columns = ["dataset", "backbone", "backbone_key", "threshold_kind", "gwot_label", "nn_label", "alpha"]
+    return both[[*columns, "per_image", "per_keypoint"]].sort_values(columns, ignore_index=True)
+
+
+def difficulty_tables(long: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """``column -> pck_table`` grouped by each SPair-style difficulty column of ``DIFFICULTY_COLUMNS``,
+    over the rows where it is known; columns null everywhere are left out."""
+    return {
+        column: pck_table(known.astype({column: "int64"}), [column])
+        for column in DIFFICULTY_COLUMNS
+        if not (known := long[long[column].notna()]).empty
+    }
+
+
+def flow_accuracy_table(pairs: pd.DataFrame) -> pd.DataFrame:
+    """TSS-kit flow accuracy of each setting per subset at ``FLOW_THRESHOLDS``, over all directions and
+    without flipped pairs: columns ``SETTING_KEYS`` (less params_json), ``subset``, ``averaging``
+    (all_directions | without_flip), ``n_pairs`` and ``T1``, ``T5``, ``T10`` (fractions)."""
+    summary = results.summarize(pairs[pairs["flow_accuracy"].notna()])
+    flow = summary[summary["metric"] == "flow_accuracy"].copy()
+    flow["T"] = np.rint(flow["threshold"] * 100).astype("int64")
+    flow = flow[flow["T"].isin(FLOW_THRESHOLDS)]
+    keys = [key for key in SETTING_KEYS if key in flow.columns] + ["subset", "averaging", "n_pairs"]
+    if flow.empty:
+        return pd.DataFrame(columns=[*keys, *(f"T{t}" for t in FLOW_THRESHOLDS)])
+    table = flow.pivot_table(index=keys, columns="T", values="value", aggfunc="first", observed=True)
+    return table.rename(columns=lambda t: f"T{t}").reset_index().rename_axis(columns=None)
+
+
+def pck_curves(pairs: pd.DataFrame, keypoints: pd.DataFrame, alphas: np.ndarray = CURVE_ALPHAS) -> pd.DataFrame:
+    """Per-keypoint PCK of each setting at every alpha of ``alphas`` (correct: ``error <= alpha *
+    ref_length``): columns ``dataset``, ``matcher``, ``matcher_label``, ``method``, ``alpha``, ``pck``."""
+    labels = pairs[["dataset", "matcher", "matcher_label", "method"]].drop_duplicates(["dataset", "matcher"])
+    rows = []
+    for (dataset, matcher), group in keypoints.groupby(["dataset", "matcher"], observed=True, sort=True):
+        correct = group["error"].to_numpy()[:, None] <= alphas[None, :] * group["ref_length"].to_numpy()[:, None]
+        rows.append(pd.DataFrame({"dataset": dataset, "matcher": matcher, "alpha": alphas, "pck": correct.mean(0)}))
+    if not rows:
+        return pd.DataFrame(columns=["dataset", "matcher", "matcher_label", "method", "alpha", "pck"])
+    curves = pd.concat(rows, ignore_index=True).merge(labels, on=["dataset", "matcher"], how="left")
+    return curves[["dataset", "matcher", "matcher_label", "method", "alpha", "pck"]]
+
+
+def swept_parameters(settings: pd.DataFrame) -> list[str]:
+    """The parameters (keys of ``params_json``) whose value differs between the rows of ``settings``."""
+    params = pd.DataFrame([json.loads(text) for text in settings["params_json"].drop_duplicates()])
+    return [name for name in params.columns if params[name].astype(str).nunique() > 1]
+
+
+def sweep_tables(table: pd.DataFrame) -> dict[tuple[str, str, str], pd.DataFrame]:
+    """``(dataset, backbone_key, method) -> rows of table`` for each method that a run holds in several
+    settings, with one column per swept parameter (its value), sorted by those values."""
+    sweeps = {}
+    for keys, group in table.groupby(["dataset", "backbone_key", "method"], observed=True, sort=True):
+        swept = swept_parameters(group)
+        if not swept:
+            continue
+        params = pd.DataFrame([_parameters(text, swept) for text in group["params_json"]], index=group.index)
+        sweeps[keys] = pd.concat([params, group], axis=1).sort_values([*swept, "matcher_label"], ignore_index=True)
+    return sweeps
+
+
+def _parameters(params_json: str, names: Sequence[str]) -> dict[str, Any]:
+    params = json.loads(params_json)
+    return {name: params.get(name) for name in names}
+
+
+def ranked_pairs(at_alpha: pd.DataFrame, matcher: str) -> pd.DataFrame:
+    """The scored pairs of setting ``matcher`` in a :func:`pck_at` frame, best PCK first (ties by pair id)."""
+    rows = at_alpha[at_alpha["matcher"] == matcher]
+    return rows.sort_values(["pck", "pair_id"], ascending=[False, True], ignore_index=True)
+
+
+def best_median_worst(ranked: pd.DataFrame) -> list[tuple[str, pd.Series]]:
+    """``(ranks, row)`` for the best, median and worst rows of a ranked frame; a pair that holds several
+    ranks (fewer than three pairs) appears once, its ranks joined (``best, median``)."""
+    if ranked.empty:
+        return []
+    positions = {"best": 0, "median": len(ranked) // 2, "worst": len(ranked) - 1}
+    names: dict[int, list[str]] = {}
+    for name, position in positions.items():
+        names.setdefault(position, []).append(name)
+    return [(", ".join(names[position]), ranked.iloc[position]) for position in sorted(names)]
