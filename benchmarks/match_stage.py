@@ -75,7 +75,7 @@ def main() -> None:
         catalog = prepare(Path(folder), args)
         for n_workers in workers:
             with (
-                LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=None) as cluster,
+                LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0") as cluster,
                 Client(cluster) as client,
             ):
                 client.run(_warm_up)

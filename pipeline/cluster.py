@@ -69,7 +69,7 @@ def _client(spec: ClusterSpec, scheduler: str | None) -> Iterator[Client]:
             n_workers=n_workers,
             threads_per_worker=spec.threads_per_worker,
             processes=spec.processes,
-            dashboard_address=None,
+            dashboard_address=":0",  # any free port: parallel runs never collide
         )
         log.info("started a LocalCluster with %d worker(s)", n_workers)
     with cluster, Client(cluster) as client:
