@@ -264,9 +264,7 @@ def extract_features(
     """
     params = store_params(spec, device)
     path = features_path(catalog, dataset, params)
-    random_weights = params["weights"].startswith("random")
-    if random_weights:
-        log.warning("features of %s use RANDOM weights: numbers are meaningless except for testing", dataset)
+    random_weights = _warn_if_random(dataset, params)
     rows = images.select(["image_id", "path", "width", "height"]).to_pylist()
     transforms = [CanvasTransform.fit(r["width"], r["height"], spec.image_size, PATCH_SIZE) for r in rows]
     try:
@@ -336,10 +334,43 @@ def _normalized_images(ctx: StageContext, dataset: str) -> pa.Table:
     return images
 
 
+def _warn_if_random(dataset: str, params: dict[str, Any]) -> bool:
+    """Log, on every run, that features from random weights mean nothing; returns whether they are random."""
+    random_weights = params["weights"].startswith("random")
+    if random_weights:
+        log.warning("features of %s use RANDOM weights: numbers are meaningless except for testing", dataset)
+    return random_weights
+
+
+def _complete_without_a_cluster(ctx: StageContext, spec: BackboneSpec, tables: dict[str, pa.Table]) -> bool:
+    """Whether a local run would find every store complete, so that no Dask cluster needs starting.
+
+    Only for local clusters, whose device this process knows (a GPU when torch sees one, as in
+    ``pipeline.cluster``); an external scheduler's workers are asked, so they always get a client.
+    """
+    options = ctx.options
+    if options.force or options.verify or options.scheduler or ctx.catalog.cluster.address:
+        return False
+    params = store_params(spec, DEVICES[0] if torch.cuda.is_available() else DEVICES[1])
+    for dataset, images in tables.items():
+        try:
+            store = FeatureStore.open(features_path(ctx.catalog, dataset, params))
+        except FeatureStoreError:
+            return False
+        if set(images.column("image_id").to_pylist()) - set(store.image_ids) or store.missing_shards():
+            return False
+    for dataset in tables:
+        _warn_if_random(dataset, params)
+        log.info("features %s: all images already computed in the %s store", dataset, spec.name)
+    return True
+
+
 def run(ctx: StageContext) -> None:
     """Compute the missing features of every selected dataset under the chosen (or default) backbone."""
     spec = resolve_backbone(ctx.catalog, ctx.options.backbone)
     tables = {dataset: _normalized_images(ctx, dataset) for dataset in ctx.datasets}
+    if _complete_without_a_cluster(ctx, spec, tables):
+        return
     with dask_client(ctx.catalog.cluster, ctx.options.scheduler) as client:
         device = worker_device(client)
         for dataset, images in tables.items():

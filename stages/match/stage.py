@@ -313,8 +313,8 @@ def _open_store(ctx: StageContext, dataset: str, image_ids: Sequence[str]) -> tu
         store.rows_for(image_ids)
     except FeatureStoreError as error:
         raise StageError(str(error) if command in str(error) else f"{error}; {command}") from None
-    if store.missing_shards():
-        missing = sum(len(rows) for _, rows in store.missing_shards())
+    missing = sum(len(rows) for _, rows in store.missing_shards())
+    if missing:
         raise StageError(f"{store.path}: features of {missing} image(s) are not computed yet; {command}")
     return backbone, store
 

@@ -173,12 +173,14 @@ def test_random_weights_are_named_in_the_path_and_warned_about_on_every_run(cata
     assert read_all(store)[0].shape == (6, 4, 4, 384)
 
 
-def test_a_second_run_computes_nothing_and_force_recomputes_everything(catalog, forward_calls):
+def test_a_second_run_computes_nothing_and_force_recomputes_everything(catalog, forward_calls, monkeypatch):
     stage.run(context(catalog, backbone="vits"))
     assert forward_calls == [3, 3]  # one shard of 6 images, batches of 3
     store = stage.open_features(catalog, "demo", "vits")
     before, mtimes = read_all(store), shard_files(store)
-    stage.run(context(catalog, backbone="vits"))
+    with monkeypatch.context() as patch:  # nothing to do: not even a Dask cluster is started
+        patch.setattr(stage, "dask_client", lambda *_: pytest.fail("a cluster was started for no work"))
+        stage.run(context(catalog, backbone="vits"))
     assert forward_calls == [3, 3] and shard_files(store) == mtimes
     stage.run(context(catalog, backbone="vits", force=True))
     assert forward_calls == [3, 3, 3, 3]
