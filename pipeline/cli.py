@@ -136,11 +136,13 @@ def run(
 
 @cli.command()
 @click.option("--dataset", "datasets", multiple=True, help="Dataset(s) from the catalog; without it, all.")
+@click.option("--backbone", metavar="NAME", help="features, match: a catalog backbone (default: default_backbone).")
+@click.option("--run", "run_name", default="default", show_default=True, help="match, report: the run folder.")
 @click.pass_context
-def status(ctx: click.Context, datasets: tuple[str, ...]) -> None:
+def status(ctx: click.Context, datasets: tuple[str, ...], backbone: str | None, run_name: str) -> None:
     """Show, per dataset and stage, what is done and what is missing."""
     catalog = load_catalog(ctx.obj["catalog_path"])
-    rows = status_table(catalog, datasets)
+    rows = status_table(catalog, datasets, RunOptions(backbone=backbone, run_name=run_name))
     click.echo(f"{'dataset':<14} {'stage':<10} {'state':<9} {'done':>11}  detail")
     for dataset, stage, st in rows:
         state = "done" if st.complete else ("partial" if st.done else "missing")

@@ -51,9 +51,11 @@ def run_stages(catalog: Catalog, stages: Sequence[str], datasets: Sequence[str],
         log.info("stage %s finished in %.1f s", name, time.perf_counter() - start)
 
 
-def status_table(catalog: Catalog, datasets: Sequence[str]) -> list[tuple[str, str, StageStatus]]:
-    """``(dataset, stage, status)`` for every selected dataset and stage."""
-    ctx = StageContext(catalog=catalog, datasets=select_datasets(catalog, datasets))
+def status_table(
+    catalog: Catalog, datasets: Sequence[str], options: RunOptions | None = None
+) -> list[tuple[str, str, StageStatus]]:
+    """``(dataset, stage, status)`` for every selected dataset and stage (``options``: backbone and run)."""
+    ctx = StageContext(catalog=catalog, datasets=select_datasets(catalog, datasets), options=options or RunOptions())
     return [
         (dataset, name, stage_module(name).status(ctx, dataset)) for dataset in ctx.datasets for name in STAGE_ORDER
     ]

@@ -331,6 +331,8 @@ def test_cli_runs_download_normalize_and_features_on_the_demo(tmp_path):
     assert status[3].endswith(
         f"daisy: {Path(stage.open_features(load_catalog(catalog_path, environ={}), 'demo').path).name}"
     )
+    vits = invoke("--catalog", str(catalog_path), "status", "--dataset", "demo", "--backbone", "vits").splitlines()
+    assert vits[3].split()[:4] == ["demo", "features", "done", "1/1"] and "vits: " in vits[3]
 
 
 def test_cli_computes_features_of_the_real_tss_sample(tmp_path, shared_fixtures):
