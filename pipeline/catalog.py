@@ -65,6 +65,7 @@ class BackboneSpec:
     weights: str = "hub"  # hub | random | random:<seed> | none (daisy) | path to a weights file
     image_size: int = 840
     layer: Literal["prenorm", "norm"] = "prenorm"
+    pos_embed: Literal["dinov2", "timm"] = "dinov2"  # position embedding resampling: the original DINOv2's or timm's
     flip: bool = False
     dtype: Literal["float16"] = "float16"
     batch_size: int = 8
