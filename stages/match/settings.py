@@ -42,6 +42,7 @@ class GWOTParams:
     eps: float = 0.02
     w_s: float = 0.1
     k: int = 5
+    k_trg: int | None = None
     w_y: float = 0.1
     rho: float = 1.0
     outer_iters: int = 10
@@ -133,8 +134,14 @@ def _check_domain(params: Params, where: str) -> None:
 
 
 def _parse_value(hint: Any, text: str, where: str) -> Any:
-    """A ``--set`` value as the field's type: numbers (``inf``/``.inf`` too for floats), ``true``/``false``."""
+    """A ``--set`` value as the field's type: numbers (``inf``/``.inf`` too for floats), ``true``/``false``,
+    ``none`` for an optional field."""
     text = text.strip()
+    optional = typing.get_args(hint)
+    if type(None) in optional:
+        if text.lower() in ("none", "null"):
+            return None
+        (hint,) = (option for option in optional if option is not type(None))
     try:
         if hint is bool:
             return {"true": True, "false": False}[text.lower()]

@@ -16,8 +16,7 @@ Scoring: PCK at every catalog alpha with the pair's threshold kind, ``error <= a
 original target pixels; flows (TSS and the demo's exact ground truth) with the TSS kit's T1..T50. TSS's
 predicted flows are also kept as ``.flo`` files in the kit's layout for ``pipeline export-tss``.
 
-A pair's numbers can depend slightly on its batch: GWOT stops its outer and inner loops when the whole
-batch has converged. Batches are deterministic, so reruns, resumes and any number of workers agree.
+Batches are deterministic, so reruns, resumes and any number of workers agree.
 """
 
 from __future__ import annotations

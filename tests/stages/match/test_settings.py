@@ -84,9 +84,9 @@ def test_keys_are_stable_and_change_with_every_ingredient(tmp_path):
     (default,) = resolve_settings(catalog, ["gwot"], [], "store-a")
     canonical = (
         '{"backbone":"store-a","method":"gwot","params":{"eps":0.02,"inner_iters":50,"inner_tol":0.0001,'
-        '"k":5,"outer_iters":10,"outer_tol":0.001,"rho":1.0,"w_s":0.1,"w_y":0.1,"window":3}}'
+        '"k":5,"k_trg":null,"outer_iters":10,"outer_tol":0.001,"rho":1.0,"w_s":0.1,"w_y":0.1,"window":3}}'
     )
-    assert default.key == hashlib.sha256(canonical.encode()).hexdigest()[:12] == "17b1db9c814b"
+    assert default.key == hashlib.sha256(canonical.encode()).hexdigest()[:12] == "817ec8183b3e"
     assert default.label == "gwot"
     (other_store,) = resolve_settings(catalog, ["gwot"], [], "store-b")
     (changed,) = resolve_settings(catalog, ["gwot"], ["gwot.outer_iters=11"], "store-a")
@@ -117,6 +117,16 @@ def test_keys_are_stable_and_change_with_every_ingredient(tmp_path):
 def test_bad_overrides_are_named(tmp_path, override, message):
     with pytest.raises(CatalogError, match=message):
         resolve_settings(catalog_with(tmp_path), ["gwot", "nn"], [override], "store-a")
+
+
+def test_an_optional_parameter_takes_a_value_or_none(tmp_path):
+    settings = resolve_settings(catalog_with(tmp_path), ["gwot"], ["gwot.k_trg=7,none"], "store-a")
+    assert [s.params.k_trg for s in settings] == [7, None]
+    assert [s.label for s in settings] == ["gwot[k_trg=7]", "gwot[k_trg=None]"]
+    with pytest.raises(CatalogError, match=r"\(gwot.k_trg\): expected an integer, got 'big'"):
+        resolve_settings(catalog_with(tmp_path), ["gwot"], ["gwot.k_trg=big"], "store-a")
+    with pytest.raises(CatalogError, match=r"k_trg must be a positive odd neighbourhood size"):
+        resolve_settings(catalog_with(tmp_path), ["gwot"], ["gwot.k_trg=4"], "store-a")
 
 
 def test_an_override_of_an_unselected_or_twice_set_key_is_refused(tmp_path):
