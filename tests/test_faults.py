@@ -17,7 +17,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from pipeline.cache import Ledger
 from pipeline.cli import cli
+from tests.stages.datasets.synthetic import write_pfpascal, write_pfpascal_csv
 
 CATALOG = {
     "stores": {"data_root": "data", "cache_root": "cache", "outputs": "outputs"},
@@ -208,3 +210,38 @@ def test_a_forced_match_that_fails_keeps_the_committed_results(demo, baseline):
     shutil.move(store.with_name("elsewhere"), store)
     assert "match      done" in invoke(demo, "status").output
     pd.testing.assert_frame_equal(results(demo), results(baseline))
+
+
+def pfpascal_catalog(folder: Path) -> Path:
+    """A PF-PASCAL dataset whose raw files are the synthetic tree, recorded as downloaded in its ledger."""
+    sources = [{"url": "http://127.0.0.1:9/PF-dataset-PASCAL.zip", "filename": "PF-dataset-PASCAL.zip"}]
+    catalog = {"stores": CATALOG["stores"], "datasets": {"pfp": {"kind": "pf-pascal", "sources": sources}}}
+    (folder / "catalog.yaml").write_text(yaml.safe_dump(catalog))
+    raw = folder / "data" / "raw" / "pfp"
+    write_pfpascal(raw, dataset="pfp")
+    for unit in ("fetch:PF-dataset-PASCAL.zip", "extract:PF-dataset-PASCAL.zip"):
+        Ledger(raw / ".done").mark_done(unit, {"sha256": "0" * 64})
+    return raw
+
+
+def test_an_empty_pair_list_is_an_error_naming_it_and_force_keeps_the_old_tables(tmp_path):
+    raw = pfpascal_catalog(tmp_path)
+    invoke(tmp_path, "run", "--stage", "normalize")
+    tables = tmp_path / "data" / "normalized" / "pfp"
+    before = {name: (tables / name).read_bytes() for name in ("images.parquet", "pairs.parquet")}
+    status = invoke(tmp_path, "status").output
+    write_pfpascal_csv(raw / "test_pairs_pf_pascal.csv", [])  # the header alone
+
+    failed = invoke(tmp_path, "run", "--stage", "normalize", "--force", ok=False)
+    assert failed.exit_code == 1
+    assert failed.output.strip().splitlines()[-1] == (
+        f"error: {raw / 'test_pairs_pf_pascal.csv'}: split 'test' of dataset 'pfp' has no pairs after "
+        "normalisation; check the file, or pass --skip-bad to keep an empty split"
+    )
+    assert {name: (tables / name).read_bytes() for name in before} == before  # the old tables stay committed
+    assert invoke(tmp_path, "status").output == status
+
+    invoke(tmp_path, "run", "--stage", "normalize", "--force", "--skip-bad")
+    assert pd.read_parquet(tables / "pairs.parquet").empty
+    refused = invoke(tmp_path, "run", "--stage", "match", ok=False)
+    assert refused.exit_code == 1 and "has no pairs of split 'test'" in refused.output
