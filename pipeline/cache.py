@@ -12,6 +12,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.damage import report_damage
+
 
 def stable_hash(obj: Any, length: int = 12) -> str:
     """A short hex digest of ``obj``'s canonical JSON: equal settings give equal keys on every machine."""
@@ -59,15 +61,36 @@ class Ledger:
         return self.root / f"{safe}.json"
 
     def is_done(self, unit: str) -> bool:
-        """Whether ``unit`` has been committed."""
-        return self._marker(unit).is_file()
+        """Whether ``unit`` has been committed (by a marker that reads back intact)."""
+        return self.record(unit) is not None
 
-    def record(self, unit: str) -> dict[str, Any] | None:
-        """The information stored when ``unit`` was committed, or None."""
+    def record(self, unit: str, required: tuple[str, ...] = ()) -> dict[str, Any] | None:
+        """The information stored when ``unit`` was committed, or None.
+
+        A marker that is not a JSON object naming ``unit`` with the ``required`` keys is damaged: it is
+        reported (and set aside during a run) and ``unit`` counts as not done.
+        """
+        return self._read(self._marker(unit), unit, required)
+
+    def _read(self, marker: Path, unit: str | None, required: tuple[str, ...] = ()) -> dict[str, Any] | None:
         try:
-            return json.loads(self._marker(unit).read_text())
+            record = json.loads(marker.read_bytes())
         except FileNotFoundError:
             return None
+        except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            problem = f"unreadable ledger marker ({type(error).__name__}: {error})"
+        else:
+            expected = {"unit", *required}
+            if not isinstance(record, dict):
+                problem = f"the ledger marker holds a {type(record).__name__}, not an object"
+            elif unit is not None and record.get("unit") != unit:
+                problem = f"the ledger marker names unit {record.get('unit')!r}, not {unit!r}"
+            elif not expected <= set(record) or not isinstance(record["unit"], str):
+                problem = f"the ledger marker lacks {sorted(expected - set(record))}"
+            else:
+                return record
+        report_damage(marker, problem, f"redoes unit {unit or marker.stem!r}")
+        return None
 
     def mark_done(self, unit: str, info: Mapping[str, Any] | None = None) -> None:
         """Commit ``unit`` (call only after its outputs are in place)."""
@@ -81,4 +104,5 @@ class Ledger:
         """Every committed unit, sorted."""
         if not self.root.is_dir():
             return []
-        return sorted(json.loads(p.read_text())["unit"] for p in self.root.glob("*.json"))
+        records = (self._read(marker, None) for marker in sorted(self.root.glob("*.json")))
+        return sorted(record["unit"] for record in records if record is not None)

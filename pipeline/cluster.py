@@ -16,6 +16,8 @@ from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
+QUIET_LOGGERS = {"distributed": "warning", "distributed.worker": "critical"}
+
 
 def _gpu_count() -> int:
     import torch
@@ -35,12 +37,13 @@ def dask_client(spec: ClusterSpec, scheduler: str | None = None) -> Iterator[Cli
     # new task only when a thread is free (the default 1.1 queues two tasks on a one-thread worker while
     # another worker idles).
     verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
-    config = {
-        "logging.distributed": "info" if verbose else "warning",
-        "distributed.scheduler.worker-saturation": 1.0,
-    }
+    # A task that fails is reported by its stage in one line, so the worker's "Compute Failed" traceback
+    # is shown only when verbose.
+    levels = {"distributed": "info", "distributed.worker": "info"} if verbose else QUIET_LOGGERS
+    config = {"logging": levels, "distributed.scheduler.worker-saturation": 1.0}
     with dask.config.set(config):
-        logging.getLogger("distributed").setLevel(logging.INFO if verbose else logging.WARNING)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level.upper())
         yield from _client(spec, scheduler)
 
 

@@ -248,8 +248,14 @@ def _ledger(run_folder: str | Path) -> Ledger:
 
 
 def _is_done(ledger: Ledger, task: BatchTask) -> bool:
+    """Whether the unit is recorded for the task's pairs and alphas and its parts read back whole."""
     record = ledger.record(task.unit)
-    return record is not None and record.get("pair_ids") == task.pair_ids and record.get("alphas") == list(task.alphas)
+    return (
+        record is not None
+        and record.get("pair_ids") == task.pair_ids
+        and record.get("alphas") == list(task.alphas)
+        and results.batch_intact(task.run_folder, task.dataset, task.setting.key, task.batch, len(task.pairs))
+    )
 
 
 @dataclass(frozen=True)
@@ -414,8 +420,7 @@ def match(ctx: StageContext, batch_size: int) -> None:
         tasks += [
             task for task in plan.tasks(ctx.catalog, run_folder) if ctx.options.force or not _is_done(ledger, task)
         ]
-    for task in tasks:
-        ledger.clear(task.unit)
+    # Markers stay until each batch's new parts replace the old ones: a forced run that stops keeps results.
     failures = []
     if tasks:
         log.info("match: %d batch(es) of %d pair(s) to compute", len(tasks), sum(len(t.pairs) for t in tasks))
