@@ -103,13 +103,13 @@ def format_value(value: Any) -> str:
     return repr(value)
 
 
-def parse_params(spec: MatcherSpec, overrides: Mapping[str, Any] | None = None) -> Params:
+def parse_params(spec: MatcherSpec, overrides: Mapping[str, Any] | None = None, where: str | None = None) -> Params:
     """The typed, checked parameters of a catalog matcher with ``overrides`` applied.
 
-    Raises CatalogError naming ``matchers.<name>.params.<key>`` for an unknown key (listing the valid
-    ones), a value of the wrong type or one outside the method's domain.
+    Raises CatalogError naming ``<where>.<key>`` (default ``matchers.<name>.params.<key>``) for an
+    unknown key (listing the valid ones), a value of the wrong type or one outside the method's domain.
     """
-    where = f"matchers.{spec.name}.params"
+    where = where or f"matchers.{spec.name}.params"
     cls = PARAMS[spec.method]
     params = from_mapping(cls, {**spec.params, **(overrides or {})}, where)
     _check_domain(params, where)
