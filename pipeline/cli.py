@@ -15,6 +15,7 @@ from pipeline.catalog import DEFAULT_CATALOG, load_catalog
 from pipeline.context import RunOptions
 from pipeline.errors import PipelineError
 from pipeline.runner import STAGE_ORDER, run_stages, status_table
+from stages.matcher_params import check_matchers, select_sweeps
 
 
 class _ReportErrors(click.Group):
@@ -106,6 +107,8 @@ def run(
 ) -> None:
     """Run pipeline stages; only missing work is done unless --force."""
     catalog = load_catalog(ctx.obj["catalog_path"])
+    check_matchers(catalog)  # before any stage starts: bad values named where they came from
+    select_sweeps(catalog, matchers, overrides)
     if not run_name or Path(run_name).name != run_name or run_name.startswith("."):
         raise click.UsageError(f"--run {run_name!r}: expected a plain folder name (no '/', not starting with '.')")
     if archives and len(datasets) != 1:
@@ -241,6 +244,7 @@ def match_pair_command(
     from stages.report.match_pair import DEFAULT_MATCHERS, match_pair, parse_points
 
     catalog = load_catalog(ctx.obj["catalog_path"])
+    check_matchers(catalog)
     result = match_pair(
         src,
         trg,

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.catalog import REPO_CATALOG, load_catalog
-from pipeline.errors import CatalogError
+from pipeline.errors import CatalogError, PipelineError
 from stages.match import gwot
 from stages.match.settings import GWOTParams, NNParams, parse_params, resolve_settings
+from stages.matcher_params import domain_problem
 
 CATALOG = """
 stores: {data_root: d, cache_root: c, outputs: o}
@@ -59,7 +60,7 @@ def test_catalog_params_parse_strictly_with_inf(tmp_path):
     with pytest.raises(CatalogError, match=r"matchers\.wrong\.params\.k: expected an integer, got float 2\.5"):
         parse_params(wrong.matcher("wrong"))
     outside = catalog_with(tmp_path, CATALOG + "  outside: {method: gwot, params: {eps: -1.0}}\n")
-    with pytest.raises(CatalogError, match=r"matchers\.outside\.params: invalid GWOT settings: eps must be > 0"):
+    with pytest.raises(CatalogError, match=r"matchers\.outside\.params\.eps: must be > 0, got -1\.0"):
         parse_params(outside.matcher("outside"))
     even = catalog_with(tmp_path, CATALOG + "  even: {method: nn, params: {window: 4}}\n")
     with pytest.raises(CatalogError, match=r"matchers\.even\.params\.window: must be a positive odd number"):
@@ -109,7 +110,9 @@ def test_keys_are_stable_and_change_with_every_ingredient(tmp_path):
         ),
         ("gwot.k=3.5", r"--set gwot.k=3.5 \(gwot.k\): expected an integer, got '3.5'"),
         ("nn.temperature=warm", r"\(nn.temperature\): expected a number \(inf allowed\), got 'warm'"),
-        ("gwot.eps=0", r"matchers\.gwot\.params: invalid GWOT settings: eps must be > 0, got 0.0"),
+        ("gwot.eps=0.1,0", r"--set gwot.eps=0.1,0: gwot\.eps must be > 0, got 0\.0"),
+        ("gwot.k=4", r"--set gwot.k=4: gwot\.k must be a positive odd neighbourhood size, got 4"),
+        ("nn.window=0", r"--set nn.window=0: nn\.window must be a positive odd number of patches, got 0"),
         ("gwot=0.1", r"--set gwot=0.1: expected MATCHER.KEY=VALUE\[,VALUE...\]"),
         ("gwot.eps=", r"expected MATCHER.KEY=VALUE"),
     ],
@@ -125,3 +128,19 @@ def test_an_override_of_an_unselected_or_twice_set_key_is_refused(tmp_path):
         resolve_settings(catalog, ["nn"], ["gwot.eps=0.1"], "store-a")
     with pytest.raises(CatalogError, match=r"gwot\.eps is set twice; list all its values in one --set"):
         resolve_settings(catalog, ["gwot"], ["gwot.eps=0.1", "gwot.eps=0.2"], "store-a")
+
+
+@pytest.mark.parametrize(
+    ("key", "refused"),
+    [("eps", 0.0), ("eps", -1.0), ("w_s", -0.1), ("w_y", -1e-9), ("k", 4), ("k", 0), ("k", -1), ("rho", 0.0),
+     ("rho", -math.inf), ("outer_iters", 0), ("inner_iters", 0), ("eps", math.nan)],
+)  # fmt: skip
+def test_every_value_the_solver_refuses_is_refused_when_read(key, refused):
+    import torch
+
+    one_patch = torch.ones(1, 1, 1, 1)
+    with pytest.raises(PipelineError, match="invalid GWOT settings"):  # the oracle: the solver's own check
+        gwot(one_patch, one_patch, **(GWOTParams().solver_kwargs() | {key: refused}))
+    assert domain_problem(GWOTParams, key, refused) is not None
+    assert domain_problem(GWOTParams, key, getattr(GWOTParams(), key)) is None
+    gwot(one_patch, one_patch, **GWOTParams().solver_kwargs())  # the defaults pass both
