@@ -19,7 +19,19 @@ from pipeline.cache import stable_hash
 from pipeline.catalog import Catalog
 from stages.matcher_params import GWOTParams, NNParams, Params, format_value, parse_params, select_sweeps
 
-__all__ = ["GWOTParams", "MatcherSetting", "NNParams", "Params", "parse_params", "resolve_settings"]
+# Each method's implementation version, part of every setting's key: bump it with any change to the
+# method's solver or readout that alters numbers, so results of the older code are never taken as done.
+IMPLEMENTATION_VERSIONS = {"nn": 1, "gwot": 1}
+
+__all__ = [
+    "IMPLEMENTATION_VERSIONS",
+    "GWOTParams",
+    "MatcherSetting",
+    "NNParams",
+    "Params",
+    "parse_params",
+    "resolve_settings",
+]
 
 
 @dataclass(frozen=True)
@@ -38,8 +50,16 @@ class MatcherSetting:
 
     @property
     def key(self) -> str:
-        """Hash of method, parameters and feature store: equal settings share results, others never do."""
-        return stable_hash({"method": self.method, "params": asdict(self.params), "backbone": self.backbone_key})
+        """Hash of method, its implementation version, parameters and feature store: equal settings share
+        results, others (and those of other code versions) never do."""
+        return stable_hash(
+            {
+                "method": self.method,
+                "implementation": IMPLEMENTATION_VERSIONS[self.method],
+                "params": asdict(self.params),
+                "backbone": self.backbone_key,
+            }
+        )
 
     @property
     def label(self) -> str:
@@ -56,6 +76,7 @@ class MatcherSetting:
             "method": self.method,
             "params": asdict(self.params),
             "backbone_key": self.backbone_key,
+            "implementation": IMPLEMENTATION_VERSIONS[self.method],
         }
 
 

@@ -45,6 +45,7 @@ from pipeline.context import StageContext, StageStatus
 from pipeline.errors import CatalogError, PipelineError, StageError
 from pipeline.features_store import FeatureStore, FeatureStoreError
 from pipeline.progress import progress_bar
+from pipeline.provenance import provenance
 from stages.datasets import stage as normalize_stage
 from stages.datasets.flo import read_flo, write_flo
 from stages.datasets.tss import ROOT as TSS_ROOT
@@ -234,14 +235,23 @@ def match_batch(task: BatchTask) -> int:
         keypoint_rows += keypoints
     folder = task.run_folder
     key = task.setting.key
+    record = provenance(device_name(device))
     results.write_part(
-        results.part_path(folder, "keypoints", task.dataset, key, task.batch), keypoint_rows, results.KEYPOINTS_SCHEMA
+        results.part_path(folder, "keypoints", task.dataset, key, task.batch),
+        keypoint_rows,
+        results.KEYPOINTS_SCHEMA,
+        record,
     )
     results.write_part(
-        results.part_path(folder, "pairs", task.dataset, key, task.batch), pair_rows, results.PAIRS_SCHEMA
+        results.part_path(folder, "pairs", task.dataset, key, task.batch), pair_rows, results.PAIRS_SCHEMA, record
     )
     _ledger(folder).mark_done(task.unit, {"pair_ids": task.pair_ids, "alphas": list(task.alphas)})
     return len(task.pairs)
+
+
+def device_name(device: torch.device) -> str:
+    """``cpu``, or ``cuda (<GPU model>)``: the device a provenance record names."""
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
 
 
 def _ledger(run_folder: str | Path) -> Ledger:
@@ -385,6 +395,7 @@ def _record_config(ctx: StageContext, run_folder: Path, plans: Sequence[DatasetP
                 for plan in plans
             },
             "settings": {setting.key: setting.describe() for plan in plans for setting in plan.settings},
+            "provenance": provenance(device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))),
         },
     )
 

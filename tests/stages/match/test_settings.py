@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.catalog import REPO_CATALOG, load_catalog
 from pipeline.errors import CatalogError, PipelineError
-from stages.match import gwot
+from stages.match import gwot, settings
 from stages.match.settings import GWOTParams, NNParams, parse_params, resolve_settings
 from stages.matcher_params import domain_problem
 
@@ -84,10 +84,10 @@ def test_keys_are_stable_and_change_with_every_ingredient(tmp_path):
     catalog = catalog_with(tmp_path)
     (default,) = resolve_settings(catalog, ["gwot"], [], "store-a")
     canonical = (
-        '{"backbone":"store-a","method":"gwot","params":{"eps":0.02,"inner_iters":50,"inner_tol":0.0001,'
-        '"k":5,"outer_iters":10,"outer_tol":0.001,"rho":1.0,"w_s":0.1,"w_y":0.1,"window":3}}'
+        '{"backbone":"store-a","implementation":1,"method":"gwot","params":{"eps":0.02,"inner_iters":50,'
+        '"inner_tol":0.0001,"k":5,"outer_iters":10,"outer_tol":0.001,"rho":1.0,"w_s":0.1,"w_y":0.1,"window":3}}'
     )
-    assert default.key == hashlib.sha256(canonical.encode()).hexdigest()[:12] == "17b1db9c814b"
+    assert default.key == hashlib.sha256(canonical.encode()).hexdigest()[:12]
     assert default.label == "gwot"
     (other_store,) = resolve_settings(catalog, ["gwot"], [], "store-b")
     (changed,) = resolve_settings(catalog, ["gwot"], ["gwot.outer_iters=11"], "store-a")
@@ -144,3 +144,14 @@ def test_every_value_the_solver_refuses_is_refused_when_read(key, refused):
     assert domain_problem(GWOTParams, key, refused) is not None
     assert domain_problem(GWOTParams, key, getattr(GWOTParams(), key)) is None
     gwot(one_patch, one_patch, **GWOTParams().solver_kwargs())  # the defaults pass both
+
+
+def test_a_new_implementation_version_makes_new_setting_keys(tmp_path, monkeypatch):
+    catalog = catalog_with(tmp_path)
+    before = {s.label: s.key for s in resolve_settings(catalog, [], [], "store-a")}
+    monkeypatch.setitem(settings.IMPLEMENTATION_VERSIONS, "gwot", settings.IMPLEMENTATION_VERSIONS["gwot"] + 1)
+    after = {s.label: s.key for s in resolve_settings(catalog, [], [], "store-a")}
+    assert after["nn"] == before["nn"]  # only the changed method's results are redone
+    assert after["gwot"] != before["gwot"] and after["balanced"] != before["balanced"]
+    (gwot_setting,) = resolve_settings(catalog, ["gwot"], [], "store-a")
+    assert gwot_setting.describe()["implementation"] == settings.IMPLEMENTATION_VERSIONS["gwot"]
