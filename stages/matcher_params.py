@@ -86,7 +86,13 @@ def format_value(value: Any) -> str:
 
 
 def domain_problem(cls: type[NNParams] | type[GWOTParams], key: str, value: Any) -> str | None:
-    """What is wrong with ``value`` for parameter ``key`` (``"must be > 0, got -1.0"``), or None."""
+    """What is wrong with ``value`` for parameter ``key`` (``"must be > 0, got -1.0"``), or None.
+
+    None passes (only an optional field, typed ``X | None``, can hold it). Every field has a rule (a test
+    holds the classes to it).
+    """
+    if value is None:
+        return None
     accepts, requirement = cls.DOMAIN[key]
     return None if accepts(value) else f"{requirement}, got {format_value(value)}"
 
@@ -108,8 +114,14 @@ def parse_params(spec: MatcherSpec, overrides: Mapping[str, Any] | None = None, 
 
 
 def _parse_value(hint: Any, text: str, where: str) -> Any:
-    """A ``--set`` value as the field's type: numbers (``inf``/``.inf`` too for floats), ``true``/``false``."""
+    """A ``--set`` value as the field's type: numbers (``inf``/``.inf`` too for floats), ``true``/``false``,
+    ``none`` for an optional field."""
     text = text.strip()
+    options = typing.get_args(hint)
+    if type(None) in options:
+        if text.lower() in ("none", "null"):
+            return None
+        (hint,) = (option for option in options if option is not type(None))
     try:
         if hint is bool:
             return {"true": True, "false": False}[text.lower()]

@@ -155,3 +155,8 @@ def test_a_new_implementation_version_makes_new_setting_keys(tmp_path, monkeypat
     assert after["gwot"] != before["gwot"] and after["balanced"] != before["balanced"]
     (gwot_setting,) = resolve_settings(catalog, ["gwot"], [], "store-a")
     assert gwot_setting.describe()["implementation"] == settings.IMPLEMENTATION_VERSIONS["gwot"]
+
+
+def test_every_parameter_has_a_domain_rule():
+    for cls in (NNParams, GWOTParams):
+        assert set(cls.DOMAIN) == {f.name for f in dataclasses.fields(cls)}, f"add a DOMAIN rule to {cls.__name__}"
