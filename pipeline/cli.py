@@ -90,6 +90,19 @@ def cli(ctx: click.Context, catalog_path: Path, verbose: int, quiet: bool) -> No
     metavar="NAME",
     help="match, report: results go to <outputs>/NAME.",
 )
+@click.option(
+    "--category",
+    "categories",
+    multiple=True,
+    metavar="NAME",
+    help="match: only the test pairs of this category (SPair class, TSS subset, ...); repeatable.",
+)
+@click.option(
+    "--max-pairs",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="match: at most N test pairs per dataset, a fixed sample (for a quick try; use its own --run).",
+)
 @click.pass_context
 def run(
     ctx: click.Context,
@@ -104,6 +117,8 @@ def run(
     matchers: tuple[str, ...],
     overrides: tuple[str, ...],
     run_name: str,
+    categories: tuple[str, ...],
+    max_pairs: int | None,
 ) -> None:
     """Run pipeline stages; only missing work is done unless --force."""
     catalog = load_catalog(ctx.obj["catalog_path"])
@@ -127,6 +142,8 @@ def run(
         matchers=matchers,
         overrides=overrides,
         run_name=run_name,
+        categories=categories,
+        max_pairs=max_pairs,
     )
     run_stages(catalog, stages, datasets, options)
     if "match" in (stages or STAGE_ORDER):

@@ -27,7 +27,7 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from stages.evaluate.tss import TssScores, score_direction, score_tss_results
 from stages.features.canvas import CanvasTransform
 from stages.match import dense_flow, gwot, nn_match, transfer_keypoints
 from stages.match.settings import MatcherSetting, NNParams, resolve_settings
+from stages.match.subsets import Subset, check_run_subset, select_pairs
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +330,11 @@ def _open_store(ctx: StageContext, dataset: str, image_ids: Sequence[str]) -> tu
     return backbone, store
 
 
+def run_subset(ctx: StageContext) -> Subset:
+    """The test pairs this invocation matches: ``--category`` and ``--max-pairs``."""
+    return Subset(categories=tuple(ctx.options.categories), max_pairs=ctx.options.max_pairs)
+
+
 def plan_dataset(ctx: StageContext, dataset: str, batch_size: int) -> DatasetPlan:
     """Read the dataset's test pairs and feature store, resolve the settings and cut the batches."""
     if not normalize_stage.status(ctx, dataset).complete:
@@ -343,7 +349,7 @@ def plan_dataset(ctx: StageContext, dataset: str, batch_size: int) -> DatasetPla
             f"dataset {dataset!r} has no pairs of split {SPLIT!r} (the split the match stage scores); "
             f"its splits: {found}"
         )
-    rows = test.to_pylist()
+    rows = select_pairs(test.to_pylist(), run_subset(ctx), dataset)
     image_ids = [pair[side] for pair in rows for side in ("src_image_id", "trg_image_id")]
     backbone, store = _open_store(ctx, dataset, image_ids)
     sizes = {
@@ -391,6 +397,7 @@ def _record_config(ctx: StageContext, run_folder: Path, plans: Sequence[DatasetP
                     "feature_store": plan.store.path,
                     "random_weights": plan.store.random_weights,
                     "n_pairs": sum(len(batch) for batch in plan.batches),
+                    "subset": run_subset(ctx).describe(),
                 }
                 for plan in plans
             },
@@ -418,6 +425,9 @@ def match(ctx: StageContext, batch_size: int) -> None:
     """The stage's work in batches of ``batch_size`` pairs (``run`` uses ``PAIRS_PER_BATCH``)."""
     run_folder = results.run_dir(ctx.catalog.stores.outputs, ctx.options.run_name)
     plans = [plan_dataset(ctx, dataset, batch_size) for dataset in ctx.datasets]
+    config = results.read_run_config(run_folder)
+    for plan in plans:
+        check_run_subset(config, plan.dataset, run_subset(ctx), ctx.options.run_name)
     _record_config(ctx, run_folder, plans, batch_size)
     ledger = _ledger(run_folder)
     tasks = []
@@ -457,15 +467,22 @@ def run(ctx: StageContext) -> None:
 def status(ctx: StageContext, dataset: str) -> StageStatus:
     """Batches x settings recorded in the run's ledger, of those the dataset's test pairs need."""
     run_folder = results.run_dir(ctx.catalog.stores.outputs, ctx.options.run_name)
-    batch_size = results.read_run_config(run_folder).get("pairs_per_batch", PAIRS_PER_BATCH)
+    config = results.read_run_config(run_folder)
+    batch_size = config.get("pairs_per_batch", PAIRS_PER_BATCH)
+    recorded = config.get("datasets", {}).get(dataset, {}).get("subset", {})  # status shows the run's subset
+    options = replace(
+        ctx.options, categories=tuple(recorded.get("categories", ())), max_pairs=recorded.get("max_pairs")
+    )
     try:
-        plan = plan_dataset(ctx, dataset, batch_size)
+        plan = plan_dataset(replace(ctx, options=options), dataset, batch_size)
     except (StageError, CatalogError) as error:
         return StageStatus(0, None, str(error))
     ledger = _ledger(run_folder)
     tasks = plan.tasks(ctx.catalog, run_folder)
     done = sum(_is_done(ledger, task) for task in tasks)
     detail = f"run {ctx.options.run_name}: {len(plan.settings)} setting(s) x {len(plan.batches)} batch(es)"
+    if options.categories or options.max_pairs is not None:
+        detail += f" of {run_subset(replace(ctx, options=options)).text()}"
     return StageStatus(done, len(tasks), detail)
 
 
