@@ -15,6 +15,7 @@ from pipeline.catalog import DEFAULT_CATALOG, load_catalog
 from pipeline.context import RunOptions
 from pipeline.errors import PipelineError
 from pipeline.runner import STAGE_ORDER, run_stages, status_table
+from stages.matcher_params import check_matchers, select_sweeps
 
 
 class _ReportErrors(click.Group):
@@ -93,6 +94,19 @@ def cli(ctx: click.Context, catalog_path: Path, verbose: int, quiet: bool) -> No
     metavar="NAME",
     help="match, report: results go to <outputs>/NAME.",
 )
+@click.option(
+    "--category",
+    "categories",
+    multiple=True,
+    metavar="NAME",
+    help="match: only the test pairs of this category (SPair class, TSS subset, ...); repeatable.",
+)
+@click.option(
+    "--max-pairs",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="match: at most N test pairs per dataset, a fixed sample (for a quick try; use its own --run).",
+)
 @click.pass_context
 def run(
     ctx: click.Context,
@@ -107,9 +121,13 @@ def run(
     matchers: tuple[str, ...],
     overrides: tuple[str, ...],
     run_name: str,
+    categories: tuple[str, ...],
+    max_pairs: int | None,
 ) -> None:
     """Run pipeline stages; only missing work is done unless --force."""
     catalog = load_catalog(ctx.obj["catalog_path"])
+    check_matchers(catalog)  # before any stage starts: bad values named where they came from
+    select_sweeps(catalog, matchers, overrides)
     if not run_name or Path(run_name).name != run_name or run_name.startswith("."):
         raise click.UsageError(f"--run {run_name!r}: expected a plain folder name (no '/', not starting with '.')")
     if archives and len(datasets) != 1:
@@ -128,6 +146,8 @@ def run(
         matchers=matchers,
         overrides=overrides,
         run_name=run_name,
+        categories=categories,
+        max_pairs=max_pairs,
     )
     with damage.collecting() as found:
         try:
@@ -263,6 +283,7 @@ def match_pair_command(
     from stages.report.match_pair import DEFAULT_MATCHERS, match_pair, parse_points
 
     catalog = load_catalog(ctx.obj["catalog_path"])
+    check_matchers(catalog)
     result = match_pair(
         src,
         trg,

@@ -23,6 +23,8 @@ class RunOptions:
     matchers: tuple[str, ...] = ()  # match: catalog matcher names; empty: all of the catalog's
     overrides: tuple[str, ...] = ()  # match: --set MATCHER.KEY=V1,V2 sweeps
     run_name: str = "default"  # match: results go to <outputs>/<run_name>/
+    categories: tuple[str, ...] = ()  # match: only test pairs of these categories; empty: all
+    max_pairs: int | None = None  # match: at most this many test pairs per dataset (a fixed sample)
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,15 @@ class PipelineError(Exception):
     """Base class of every error the pipeline reports to a user (the CLI prints it without a traceback)."""
 
 
-class CatalogError(PipelineError):
-    """The catalog (or an override of it) is malformed: names the key, what is wrong and the valid choices."""
+class CatalogError(PipelineError, ValueError):
+    """The catalog (or an override of it) is malformed: names the key, what is wrong and the valid choices.
+
+    Also a ValueError: a notebook passing a bad matcher parameter or name catches it the usual way.
+    """
+
+
+class InputError(PipelineError, ValueError):
+    """A bad argument to a function a user calls (an image, points, a pair id): also a ValueError."""
 
 
 class DownloadError(PipelineError):

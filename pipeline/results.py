@@ -30,6 +30,7 @@ from pipeline.cache import atomic_path, atomic_write_bytes
 from pipeline.damage import report_damage
 
 PARTITIONS = pa.schema([pa.field("dataset", pa.string()), pa.field("matcher", pa.string())])
+PROVENANCE_KEY = "provenance"  # the Parquet metadata key of a part's provenance record
 FLOW_THRESHOLDS = tuple(range(1, 51))  # the TSS kit's T1..T50: percent of the target image's larger side
 
 PAIRS_SCHEMA = pa.schema(
@@ -133,11 +134,22 @@ def flows_dir(run_folder: str | Path, dataset: str, matcher_key: str) -> Path:
     return Path(run_folder) / "flows" / dataset / matcher_key
 
 
-def write_part(path: str | Path, rows: Iterable[Mapping[str, Any]], schema: pa.Schema) -> None:
-    """Write ``rows`` (dicts with the schema's columns) as one Parquet file with page checksums, atomically."""
+def write_part(
+    path: str | Path, rows: Iterable[Mapping[str, Any]], schema: pa.Schema, provenance: Mapping[str, Any] | None = None
+) -> None:
+    """Write ``rows`` (dicts with the schema's columns) as one Parquet file, atomically; ``provenance`` (see
+    :mod:`pipeline.provenance`) goes into the file's metadata, read back by :func:`read_provenance`."""
     table = pa.Table.from_pylist(list(rows), schema=schema)
+    if provenance is not None:
+        table = table.replace_schema_metadata({PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, write_page_checksum=True)
+
+
+def read_provenance(path: str | Path) -> dict[str, Any] | None:
+    """The provenance record a result part was written with (None for a part written without one)."""
+    stored = (pq.read_schema(path).metadata or {}).get(PROVENANCE_KEY.encode())
+    return None if stored is None else json.loads(stored)
 
 
 def read_results(run_folder: str | Path, table: str = "pairs") -> pd.DataFrame:

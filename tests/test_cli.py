@@ -205,3 +205,28 @@ matchers: {nn: {method: nn}, gwot: {method: gwot, params: {outer_iters: 3, inner
 
     missing = CliRunner().invoke(cli, ["--catalog", str(catalog), "match-pair", str(tmp_path / "nope.png"), args[2]])
     assert missing.exit_code == 1 and "nope.png" in missing.output
+
+
+@pytest.mark.parametrize(
+    ("matchers", "args", "message"),
+    [
+        ("gwot: {method: gwot}", ["--set", "gwot.eps=0.05,-1"], "error: --set gwot.eps=0.05,-1: gwot.eps must be > 0"),
+        ("gwot: {method: gwot}", ["--set", "gwot.epz=1"], "error: --set gwot.epz=1: unknown key 'epz'"),
+        ("gwot: {method: gwot}", ["--matcher", "nn"], "error: unknown matcher 'nn'; the catalog defines: gwot"),
+        (
+            "sharp: {method: nn, params: {temperature: -0.5}}",
+            [],
+            "catalog.yaml: matchers.sharp.params.temperature: must be > 0, got -0.5",
+        ),
+    ],
+)
+def test_bad_matcher_parameters_fail_before_any_stage_starts_naming_their_source(tmp_path, matchers, args, message):
+    catalog = write_catalog(tmp_path, DEMO_CATALOG + f"matchers:\n  {matchers}\n")
+    # A subprocess: it must fail without importing torch (which every stage that matches needs) ...
+    code = "from pipeline.cli import main; main()"
+    command = [sys.executable, "-X", "importtime", "-c", code, "--catalog", str(catalog), "run", "--stage", "match"]
+    result = subprocess.run([*command, *args], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert " torch" not in result.stderr and "Traceback" not in result.stderr
+    # ... and without touching a store: nothing is written next to the catalog.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.yaml"]

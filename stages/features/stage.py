@@ -44,6 +44,9 @@ from stages.features.canvas import CanvasTransform, image_to_canvas
 log = logging.getLogger(__name__)
 
 PATCH_SIZE = 14  # every registered backbone (DINOv2, DAISY) uses 14-px patches
+# Part of every feature store's key: bump it with any change to the canvases or a backbone's code that
+# alters the tokens, so features of the older code are never taken as computed.
+FEATURES_VERSION = 1
 DEVICES = ("cuda", "cpu")  # the devices a store's key can name, in the order open_features prefers them
 
 
@@ -70,8 +73,14 @@ def backbone_options(spec: BackboneSpec) -> dict[str, Any]:
 
 
 def store_params(spec: BackboneSpec, device: str) -> dict[str, Any]:
-    """The store's key parameters: the backbone's ``key_params`` on ``device`` plus the storage dtype."""
-    return {**backbone_key_params(spec.model, **backbone_options(spec), device=device), "dtype": spec.dtype}
+    """The store's key parameters: the backbone's ``key_params`` on ``device``, the storage dtype and
+    ``FEATURES_VERSION``."""
+    return stored_params(backbone_key_params(spec.model, **backbone_options(spec), device=device), spec)
+
+
+def stored_params(key_params: dict[str, Any], spec: BackboneSpec) -> dict[str, Any]:
+    """A backbone's ``key_params`` with what storing its tokens adds: the dtype, the implementation version."""
+    return {**key_params, "dtype": spec.dtype, "implementation": FEATURES_VERSION}
 
 
 def features_path(catalog: Catalog, dataset: str, params: dict[str, Any]) -> str:
@@ -208,7 +217,7 @@ def compute_shard(task: ShardTask) -> int:
     store = FeatureStore.open(task.store_path)
     with _torch_threads(get_worker().state.nthreads):
         backbone = _worker_backbone(task.backbone, task.device)
-        params = {**backbone.key_params(), "dtype": task.backbone.dtype}
+        params = stored_params(backbone.key_params(), task.backbone)
         if params != store.backbone_params:
             raise StageError(
                 f"{task.store_path}: this worker's backbone has key parameters {params}, the store was made "

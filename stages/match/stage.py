@@ -26,7 +26,7 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from pipeline.context import StageContext, StageStatus
 from pipeline.errors import CatalogError, PipelineError, StageError
 from pipeline.features_store import FeatureStore, FeatureStoreError
 from pipeline.progress import progress_bar
+from pipeline.provenance import provenance
 from stages.datasets import stage as normalize_stage
 from stages.datasets.flo import read_flo, write_flo
 from stages.datasets.tss import ROOT as TSS_ROOT
@@ -53,6 +54,7 @@ from stages.evaluate.tss import TssScores, score_direction, score_tss_results
 from stages.features.canvas import CanvasTransform
 from stages.match import dense_flow, gwot, nn_match, transfer_keypoints
 from stages.match.settings import MatcherSetting, NNParams, resolve_settings
+from stages.match.subsets import Subset, check_run_subset, select_pairs
 
 log = logging.getLogger(__name__)
 
@@ -233,14 +235,23 @@ def match_batch(task: BatchTask) -> int:
         keypoint_rows += keypoints
     folder = task.run_folder
     key = task.setting.key
+    record = provenance(device_name(device))
     results.write_part(
-        results.part_path(folder, "keypoints", task.dataset, key, task.batch), keypoint_rows, results.KEYPOINTS_SCHEMA
+        results.part_path(folder, "keypoints", task.dataset, key, task.batch),
+        keypoint_rows,
+        results.KEYPOINTS_SCHEMA,
+        record,
     )
     results.write_part(
-        results.part_path(folder, "pairs", task.dataset, key, task.batch), pair_rows, results.PAIRS_SCHEMA
+        results.part_path(folder, "pairs", task.dataset, key, task.batch), pair_rows, results.PAIRS_SCHEMA, record
     )
     _ledger(folder).mark_done(task.unit, {"pair_ids": task.pair_ids, "alphas": list(task.alphas)})
     return len(task.pairs)
+
+
+def device_name(device: torch.device) -> str:
+    """``cpu``, or ``cuda (<GPU model>)``: the device a provenance record names."""
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
 
 
 def _ledger(run_folder: str | Path) -> Ledger:
@@ -324,6 +335,11 @@ def _open_store(ctx: StageContext, dataset: str, image_ids: Sequence[str]) -> tu
     return backbone, store
 
 
+def run_subset(ctx: StageContext) -> Subset:
+    """The test pairs this invocation matches: ``--category`` and ``--max-pairs``."""
+    return Subset(categories=tuple(ctx.options.categories), max_pairs=ctx.options.max_pairs)
+
+
 def plan_dataset(ctx: StageContext, dataset: str, batch_size: int) -> DatasetPlan:
     """Read the dataset's test pairs and feature store, resolve the settings and cut the batches."""
     if not normalize_stage.status(ctx, dataset).complete:
@@ -338,7 +354,7 @@ def plan_dataset(ctx: StageContext, dataset: str, batch_size: int) -> DatasetPla
             f"dataset {dataset!r} has no pairs of split {SPLIT!r} (the split the match stage scores); "
             f"its splits: {found}"
         )
-    rows = test.to_pylist()
+    rows = select_pairs(test.to_pylist(), run_subset(ctx), dataset)
     image_ids = [pair[side] for pair in rows for side in ("src_image_id", "trg_image_id")]
     backbone, store = _open_store(ctx, dataset, image_ids)
     sizes = {
@@ -386,10 +402,12 @@ def _record_config(ctx: StageContext, run_folder: Path, plans: Sequence[DatasetP
                     "feature_store": plan.store.path,
                     "random_weights": plan.store.random_weights,
                     "n_pairs": sum(len(batch) for batch in plan.batches),
+                    "subset": run_subset(ctx).describe(),
                 }
                 for plan in plans
             },
             "settings": {setting.key: setting.describe() for plan in plans for setting in plan.settings},
+            "provenance": provenance(device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))),
         },
     )
 
@@ -412,6 +430,9 @@ def match(ctx: StageContext, batch_size: int) -> None:
     """The stage's work in batches of ``batch_size`` pairs (``run`` uses ``PAIRS_PER_BATCH``)."""
     run_folder = results.run_dir(ctx.catalog.stores.outputs, ctx.options.run_name)
     plans = [plan_dataset(ctx, dataset, batch_size) for dataset in ctx.datasets]
+    config = results.read_run_config(run_folder)
+    for plan in plans:
+        check_run_subset(config, plan.dataset, run_subset(ctx), ctx.options.run_name)
     _record_config(ctx, run_folder, plans, batch_size)
     ledger = _ledger(run_folder)
     tasks = []
@@ -450,15 +471,22 @@ def run(ctx: StageContext) -> None:
 def status(ctx: StageContext, dataset: str) -> StageStatus:
     """Batches x settings recorded in the run's ledger, of those the dataset's test pairs need."""
     run_folder = results.run_dir(ctx.catalog.stores.outputs, ctx.options.run_name)
-    batch_size = results.read_run_config(run_folder).get("pairs_per_batch", PAIRS_PER_BATCH)
+    config = results.read_run_config(run_folder)
+    batch_size = config.get("pairs_per_batch", PAIRS_PER_BATCH)
+    recorded = config.get("datasets", {}).get(dataset, {}).get("subset", {})  # status shows the run's subset
+    options = replace(
+        ctx.options, categories=tuple(recorded.get("categories", ())), max_pairs=recorded.get("max_pairs")
+    )
     try:
-        plan = plan_dataset(ctx, dataset, batch_size)
+        plan = plan_dataset(replace(ctx, options=options), dataset, batch_size)
     except (StageError, CatalogError) as error:
         return StageStatus(0, None, str(error))
     ledger = _ledger(run_folder)
     tasks = plan.tasks(ctx.catalog, run_folder)
     done = sum(_is_done(ledger, task) for task in tasks)
     detail = f"run {ctx.options.run_name}: {len(plan.settings)} setting(s) x {len(plan.batches)} batch(es)"
+    if options.categories or options.max_pairs is not None:
+        detail += f" of {run_subset(replace(ctx, options=options)).text()}"
     return StageStatus(done, len(tasks), detail)
 
 

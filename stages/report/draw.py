@@ -117,7 +117,7 @@ def _label(axes: Axes, text: str, x: float, y: float, *, ha: str = "left", va: s
     )
 
 
-def _save(figure: Figure, path: str | Path) -> Path:
+def save_png(figure: Figure, path: str | Path) -> Path:
     """Write the figure as a PNG at ``path`` atomically (a reader never sees half a file)."""
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -140,7 +140,7 @@ def _as_points(points: np.ndarray, what: str, n_points: int | None = None) -> np
     return points
 
 
-def draw_correspondences(
+def correspondence_figure(
     src_image: np.ndarray,
     trg_image: np.ndarray,
     src_points: np.ndarray,
@@ -150,14 +150,13 @@ def draw_correspondences(
     correct: Sequence[bool] | np.ndarray | None = None,
     title: str | None = None,
     height: int | None = None,
-    path: str | Path,
-) -> Path:
-    """Draw source keypoints joined to their predicted target points; write a PNG at ``path``.
+) -> Figure:
+    """Source keypoints joined to their predicted target points, as a matplotlib Figure (no pyplot).
 
     Images ``[H, W, 3]`` uint8 are shown side by side at a common ``height`` (see :func:`side_by_side`);
     points ``[K, 2]`` (x, y) are in original pixels of their image. A line is green where ``correct [K]``
     is true and red where false, or has a hue of its own without ``correct``; ``true_points [K, 2]`` are
-    drawn as hollow circles in the line's colour. Returns ``path``.
+    drawn as hollow circles in the line's colour.
     """
     src_points = _as_points(src_points, "src_points")
     n_points = len(src_points)
@@ -180,7 +179,34 @@ def draw_correspondences(
         axes.scatter(truth[:, 0], truth[:, 1], s=36 * points_size, facecolors="none", edgecolors=colours)
     if title:
         _label(axes, title, 4, 4)
-    return _save(figure, path)
+    return figure
+
+
+def draw_correspondences(
+    src_image: np.ndarray,
+    trg_image: np.ndarray,
+    src_points: np.ndarray,
+    pred_points: np.ndarray,
+    *,
+    true_points: np.ndarray | None = None,
+    correct: Sequence[bool] | np.ndarray | None = None,
+    title: str | None = None,
+    height: int | None = None,
+    path: str | Path,
+) -> Path:
+    """:func:`correspondence_figure` written as a PNG at ``path`` (pixels one to one with the composition);
+    returns ``path``."""
+    figure = correspondence_figure(
+        src_image,
+        trg_image,
+        src_points,
+        pred_points,
+        true_points=true_points,
+        correct=correct,
+        title=title,
+        height=height,
+    )
+    return save_png(figure, path)
 
 
 def forward_warp(src_image: np.ndarray, flow: np.ndarray, trg_height: int, trg_width: int) -> np.ndarray:
@@ -228,4 +254,4 @@ def draw_warp(
         _label(axes, text, panel.left + 4, 4)
     if title:
         _label(axes, title, picture.shape[1] / 2, picture.shape[0] - 4, ha="center", va="bottom")
-    return _save(figure, path)
+    return save_png(figure, path)

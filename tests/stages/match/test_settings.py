@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.catalog import REPO_CATALOG, load_catalog
-from pipeline.errors import CatalogError
-from stages.match import gwot
+from pipeline.errors import CatalogError, PipelineError
+from stages.match import gwot, settings
 from stages.match.settings import GWOTParams, NNParams, parse_params, resolve_settings
+from stages.matcher_params import domain_problem
 
 CATALOG = """
 stores: {data_root: d, cache_root: c, outputs: o}
@@ -59,7 +60,7 @@ def test_catalog_params_parse_strictly_with_inf(tmp_path):
     with pytest.raises(CatalogError, match=r"matchers\.wrong\.params\.k: expected an integer, got float 2\.5"):
         parse_params(wrong.matcher("wrong"))
     outside = catalog_with(tmp_path, CATALOG + "  outside: {method: gwot, params: {eps: -1.0}}\n")
-    with pytest.raises(CatalogError, match=r"matchers\.outside\.params: invalid GWOT settings: eps must be > 0"):
+    with pytest.raises(CatalogError, match=r"matchers\.outside\.params\.eps: must be > 0, got -1\.0"):
         parse_params(outside.matcher("outside"))
     even = catalog_with(tmp_path, CATALOG + "  even: {method: nn, params: {window: 4}}\n")
     with pytest.raises(CatalogError, match=r"matchers\.even\.params\.window: must be a positive odd number"):
@@ -83,10 +84,11 @@ def test_keys_are_stable_and_change_with_every_ingredient(tmp_path):
     catalog = catalog_with(tmp_path)
     (default,) = resolve_settings(catalog, ["gwot"], [], "store-a")
     canonical = (
-        '{"backbone":"store-a","method":"gwot","params":{"eps":0.02,"inner_iters":50,"inner_tol":0.0001,'
-        '"k":5,"k_trg":null,"outer_iters":10,"outer_tol":0.001,"rho":1.0,"w_s":0.1,"w_y":0.1,"window":3}}'
+        '{"backbone":"store-a","implementation":2,"method":"gwot","params":{"eps":0.02,"inner_iters":50,'
+        '"inner_tol":0.0001,"k":5,"k_trg":null,"outer_iters":10,"outer_tol":0.001,"rho":1.0,"w_s":0.1,"w_y":0.1,'
+        '"window":3}}'
     )
-    assert default.key == hashlib.sha256(canonical.encode()).hexdigest()[:12] == "817ec8183b3e"
+    assert default.key == hashlib.sha256(canonical.encode()).hexdigest()[:12]
     assert default.label == "gwot"
     (other_store,) = resolve_settings(catalog, ["gwot"], [], "store-b")
     (changed,) = resolve_settings(catalog, ["gwot"], ["gwot.outer_iters=11"], "store-a")
@@ -109,7 +111,9 @@ def test_keys_are_stable_and_change_with_every_ingredient(tmp_path):
         ),
         ("gwot.k=3.5", r"--set gwot.k=3.5 \(gwot.k\): expected an integer, got '3.5'"),
         ("nn.temperature=warm", r"\(nn.temperature\): expected a number \(inf allowed\), got 'warm'"),
-        ("gwot.eps=0", r"matchers\.gwot\.params: invalid GWOT settings: eps must be > 0, got 0.0"),
+        ("gwot.eps=0.1,0", r"--set gwot.eps=0.1,0: gwot\.eps must be > 0, got 0\.0"),
+        ("gwot.k=4", r"--set gwot.k=4: gwot\.k must be a positive odd neighbourhood size, got 4"),
+        ("nn.window=0", r"--set nn.window=0: nn\.window must be a positive odd number of patches, got 0"),
         ("gwot=0.1", r"--set gwot=0.1: expected MATCHER.KEY=VALUE\[,VALUE...\]"),
         ("gwot.eps=", r"expected MATCHER.KEY=VALUE"),
     ],
@@ -135,3 +139,35 @@ def test_an_override_of_an_unselected_or_twice_set_key_is_refused(tmp_path):
         resolve_settings(catalog, ["nn"], ["gwot.eps=0.1"], "store-a")
     with pytest.raises(CatalogError, match=r"gwot\.eps is set twice; list all its values in one --set"):
         resolve_settings(catalog, ["gwot"], ["gwot.eps=0.1", "gwot.eps=0.2"], "store-a")
+
+
+@pytest.mark.parametrize(
+    ("key", "refused"),
+    [("eps", 0.0), ("eps", -1.0), ("w_s", -0.1), ("w_y", -1e-9), ("k", 4), ("k", 0), ("k", -1), ("rho", 0.0),
+     ("rho", -math.inf), ("outer_iters", 0), ("inner_iters", 0), ("eps", math.nan)],
+)  # fmt: skip
+def test_every_value_the_solver_refuses_is_refused_when_read(key, refused):
+    import torch
+
+    one_patch = torch.ones(1, 1, 1, 1)
+    with pytest.raises(PipelineError, match="invalid GWOT settings"):  # the oracle: the solver's own check
+        gwot(one_patch, one_patch, **(GWOTParams().solver_kwargs() | {key: refused}))
+    assert domain_problem(GWOTParams, key, refused) is not None
+    assert domain_problem(GWOTParams, key, getattr(GWOTParams(), key)) is None
+    gwot(one_patch, one_patch, **GWOTParams().solver_kwargs())  # the defaults pass both
+
+
+def test_a_new_implementation_version_makes_new_setting_keys(tmp_path, monkeypatch):
+    catalog = catalog_with(tmp_path)
+    before = {s.label: s.key for s in resolve_settings(catalog, [], [], "store-a")}
+    monkeypatch.setitem(settings.IMPLEMENTATION_VERSIONS, "gwot", settings.IMPLEMENTATION_VERSIONS["gwot"] + 1)
+    after = {s.label: s.key for s in resolve_settings(catalog, [], [], "store-a")}
+    assert after["nn"] == before["nn"]  # only the changed method's results are redone
+    assert after["gwot"] != before["gwot"] and after["balanced"] != before["balanced"]
+    (gwot_setting,) = resolve_settings(catalog, ["gwot"], [], "store-a")
+    assert gwot_setting.describe()["implementation"] == settings.IMPLEMENTATION_VERSIONS["gwot"]
+
+
+def test_every_parameter_has_a_domain_rule():
+    for cls in (NNParams, GWOTParams):
+        assert set(cls.DOMAIN) == {f.name for f in dataclasses.fields(cls)}, f"add a DOMAIN rule to {cls.__name__}"

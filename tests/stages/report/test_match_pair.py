@@ -10,9 +10,10 @@ from PIL import Image
 from skimage import data as skdata
 
 from pipeline.catalog import BackboneSpec, MatcherSpec
-from pipeline.errors import CatalogError, DataError, PipelineError
+from pipeline.errors import CatalogError, InputError, PipelineError
+from stages.api import point_grid
 from stages.report.draw import GAP
-from stages.report.match_pair import match_pair, parse_points, point_grid
+from stages.report.match_pair import match_pair, parse_points
 
 DAISY_224 = BackboneSpec(name="daisy", model="daisy", weights="none", image_size=224)
 DAISY_112 = BackboneSpec(name="daisy", model="daisy", weights="none", image_size=112)
@@ -118,11 +119,11 @@ def test_random_weights_vit_is_labelled_meaningless(photos, tmp_path):
 def test_missing_or_unreadable_images_are_named(photos, tmp_path):
     src_path, trg_path = photos
     options = {"backbone": DAISY_112, "matchers": [NN], "points": None, "out_dir": tmp_path}
-    with pytest.raises(DataError, match=r"nope\.png: image file is missing"):
+    with pytest.raises(InputError, match=r"nope\.png: image file is missing"):
         match_pair(tmp_path / "nope.png", trg_path, **options)
     text = tmp_path / "notes.png"
     text.write_text("not an image\n")
-    with pytest.raises(DataError, match=r"notes\.png: not a readable image"):
+    with pytest.raises(InputError, match=r"notes\.png: not a readable image"):
         match_pair(src_path, text, **options)
     assert not list(tmp_path.glob("*.json"))
 
