@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -54,6 +55,8 @@ class GWOTParams:
         """The parameters :func:`stages.match.gwot` takes (all but the readout's)."""
         return {name: value for name, value in asdict(self).items() if name != "window"}
 
+
+MIN_EPS = 1e-4  # GWOT's smallest entropic regularisation, in units of the feature cost
 
 PARAMS: dict[str, type[NNParams] | type[GWOTParams]] = {"nn": NNParams, "gwot": GWOTParams}
 Params = NNParams | GWOTParams
@@ -117,7 +120,11 @@ def parse_params(spec: MatcherSpec, overrides: Mapping[str, Any] | None = None) 
 
 
 def _check_domain(params: Params, where: str) -> None:
-    """Reject values the readout or the solver would refuse, before any work is sent out."""
+    """Reject values the readout or the solver would refuse, or that make its numbers meaningless (every
+    value finite, but GWOT's ``rho`` may be inf; ``eps`` at least ``MIN_EPS``), before any work is sent out."""
+    for name, value in asdict(params).items():
+        if isinstance(value, float) and not (math.isfinite(value) or (name == "rho" and value == math.inf)):
+            raise CatalogError(f"{where}.{name}: must be a finite number, got {value}")
     if params.window < 1 or params.window % 2 == 0:
         raise CatalogError(f"{where}.window: must be a positive odd number of patches, got {params.window}")
     if isinstance(params, NNParams):
@@ -130,6 +137,11 @@ def _check_domain(params: Params, where: str) -> None:
         gwot(one_patch, one_patch, **params.solver_kwargs())
     except PipelineError as error:
         raise CatalogError(f"{where}: {error}") from None
+    if params.eps < MIN_EPS:
+        raise CatalogError(
+            f"{where}.eps: must be at least {MIN_EPS:g} (the feature cost spans [0, 2]; a smaller eps underflows "
+            f"the float32 solve), got {params.eps:g}"
+        )
 
 
 def _parse_value(hint: Any, text: str, where: str) -> Any:
