@@ -155,14 +155,25 @@ def test_a_damaged_shard_index_is_set_aside_by_verify_and_recomputed(demo, basel
     store = next((demo / "cache" / "features" / "demo").glob("*.zarr"))
     shard = store / "tokens" / "c" / "0" / "0" / "0" / "0"
     flip_byte(shard, shard.stat().st_size - 6)  # inside the shard's index
-    failed = invoke(demo, "run", "--stage", "match", "--force", ok=False)
-    assert failed.exit_code == 1 and "shard 0" in failed.output and "--verify" in failed.output
     verified = invoke(demo, "run", "--stage", "features", "--verify")
     assert "damaged: " in verified.output and str(shard) in verified.output
     assert damaged_aside(shard)
     invoke(demo, "run", "--stage", "match")
     pd.testing.assert_frame_equal(results(demo), results(baseline))
     assert "verify: every record read back intact" in invoke(demo, "run", *STAGES, "--verify").output
+
+
+def test_match_names_a_damaged_feature_shard_and_the_command_that_recomputes_it(demo, baseline):
+    store = next((demo / "cache" / "features" / "demo").glob("*.zarr"))
+    shard = store / "tokens" / "c" / "1" / "0" / "0" / "0"
+    flip_byte(shard, shard.stat().st_size // 2)  # inside a chunk of shard 1
+    failed = invoke(demo, "run", "--stage", "match", "--force", ok=False)
+    assert failed.exit_code == 1 and "shard 1) fails its checksum" in failed.output
+    command = "pipeline run --stage features --stage match --dataset demo --backbone daisy"
+    assert f"demo: feature shard(s) [1] are damaged and now marked for recomputation: run `{command}`" in failed.output
+    assert damaged_aside(shard)
+    invoke(demo, *command.split()[1:])
+    pd.testing.assert_frame_equal(results(demo), results(baseline))
 
 
 @pytest.mark.parametrize("table", ["pairs", "keypoints"])
@@ -245,3 +256,15 @@ def test_an_empty_pair_list_is_an_error_naming_it_and_force_keeps_the_old_tables
     assert pd.read_parquet(tables / "pairs.parquet").empty
     refused = invoke(tmp_path, "run", "--stage", "match", ok=False)
     assert refused.exit_code == 1 and "has no pairs of split 'test'" in refused.output
+
+
+@pytest.mark.parametrize("root", ["data", "cache", "outputs"])
+def test_a_store_root_that_is_a_file_stops_the_run_before_any_work(tmp_path, root):
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(CATALOG))
+    (tmp_path / root).write_text("a file where a folder should be")
+    failed = invoke(tmp_path, "run", *STAGES, ok=False)
+    setting = {"data": "data_root", "cache": "cache_root", "outputs": "outputs"}[root]
+    assert failed.output.splitlines() == [
+        f"error: stores.{setting} {tmp_path / root} is a file, not a folder; point it at a folder you can write"
+    ]
+    assert not (tmp_path / "data" / "raw").exists() or root == "data"
