@@ -9,7 +9,12 @@ unit was recomputed.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +22,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from pipeline.cache import Ledger
+from pipeline.cache import TEMP_MARK, Ledger
 from pipeline.cli import cli
 from tests.stages.datasets.synthetic import write_pfpascal, write_pfpascal_csv
 
@@ -268,3 +273,39 @@ def test_a_store_root_that_is_a_file_stops_the_run_before_any_work(tmp_path, roo
         f"error: stores.{setting} {tmp_path / root} is a file, not a folder; point it at a folder you can write"
     ]
     assert not (tmp_path / "data" / "raw").exists() or root == "data"
+
+
+def leftover_temporaries(folder: Path) -> list[Path]:
+    """Temporaries of atomic writes, Zarr's partial writes and extraction staging under ``folder``."""
+    return [p for p in folder.rglob("*") if TEMP_MARK in p.name or p.name.endswith(".partial") or p.name == ".staging"]
+
+
+KILL_POINTS = [  # (what has just happened, a file that shows it)
+    ("the demo is being generated", "data/raw"),
+    ("normalised", "data/normalized/demo/.done/normalized.json"),
+    ("the feature store is created", "cache/features/demo/*.zarr/zarr.json"),
+    ("matching started", "outputs/default/config.json"),
+    ("a batch is committed", "outputs/default/.done/*.json"),
+]
+
+
+@pytest.mark.slow
+def test_runs_killed_at_several_points_resume_to_identical_results_without_temporaries(tmp_path, baseline):
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(CATALOG))
+    main = "from pipeline.cli import main; main()"
+    command = [sys.executable, "-c", main, "--catalog", str(tmp_path / "catalog.yaml"), "-q", "run", *STAGES]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    killed = []
+    for what, pattern in KILL_POINTS:
+        run = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while run.poll() is None and not any(tmp_path.glob(pattern)):
+            time.sleep(0.01)
+        if run.poll() is None:
+            run.send_signal(signal.SIGKILL)
+            killed.append(what)
+        run.wait()
+    assert len(killed) >= 3, killed  # most points are reached before the run could finish
+    final = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    pd.testing.assert_frame_equal(results(tmp_path), results(baseline))
+    assert leftover_temporaries(tmp_path) == []
