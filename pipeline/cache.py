@@ -6,13 +6,19 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from pipeline.damage import report_damage
+from pipeline.errors import PipelineError
+
+TEMP_MARK = ".tmp-"
+_TEMP_NAME = re.compile(r"^\..*\.tmp-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+$")
 
 
 def stable_hash(obj: Any, length: int = 12) -> str:
@@ -26,10 +32,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error remove it.
 
     Works for files and folders. A reader never sees a half-written ``path``: it is absent or complete.
+    The temporary is named ``.<name>.tmp-<host>-<pid>-<random>``, so that ``sweep_temporaries`` can tell
+    those of killed processes from those of running ones.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    owner = f"{TEMP_MARK}{socket.gethostname()}-{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{owner}", dir=path.parent))
     target = tmp / path.name
     try:
         yield target
@@ -38,6 +47,52 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sweep_temporaries(root: str | Path) -> list[Path]:
+    """Remove the ``atomic_path`` temporaries under ``root`` whose process (on this host) no longer runs.
+
+    Returns what was removed. Temporaries of running processes, and of other hosts, are left alone.
+    """
+    removed = []
+    host = socket.gethostname()
+    for folder, names, _ in os.walk(root):
+        for name in list(names):
+            owner = _TEMP_NAME.match(name)
+            if owner is None:
+                continue
+            names.remove(name)  # never walk into a temporary
+            if owner["host"] == host and not _running(int(owner["pid"])):
+                shutil.rmtree(Path(folder) / name, ignore_errors=True)
+                removed.append(Path(folder) / name)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def check_store_root(path: str, what: str) -> None:
+    """Make sure the local store root ``path`` is a writable folder (creating it); one-line error if not.
+
+    ``what`` names the setting (``stores.outputs``). URLs (``s3://...``) are left to their filesystem.
+    """
+    if "://" in path:
+        return
+    root = Path(path)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as error:
+        problem = "is a file, not a folder" if root.is_file() else f"is not a writable folder ({error.strerror})"
+        raise PipelineError(f"{what} {root} {problem}; point it at a folder you can write") from None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

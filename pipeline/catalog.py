@@ -88,6 +88,8 @@ class ClusterSpec:
     n_workers: int | None = None
     threads_per_worker: int = 1
     processes: bool = True
+    connect_timeout: float = 10.0  # seconds to reach an existing scheduler
+    worker_wait: float = 30.0  # seconds to wait for an existing scheduler's first worker
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,9 @@ class CorruptFeaturesError(FeatureStoreError):
         super().__init__(message)
         self.shard = shard
 
+    def __reduce__(self):  # pickled by Dask from the worker that read the shard
+        return type(self), (str(self), self.shard)
+
 
 def _as_json(value: Any) -> Any:
     """``value`` as it reads back from Zarr attributes (tuples become lists), for comparisons."""
@@ -181,6 +184,7 @@ class FeatureStore:
             store = cls.open(path)
         except FeatureStoreError:  # absent, interrupted while created, or damaged (and now set aside)
             store = cls(_create(path, settings, shard_size), path)
+        store._remove_partials("zarr.json", "*/zarr.json")  # the driver alone writes metadata
         store._check_settings(settings)
         store._append(list(image_ids), [_as_json(dict(t)) for t in transforms])
         return store
@@ -270,6 +274,14 @@ class FeatureStore:
             if not local or os.path.lexists(file):
                 report_damage(file, problem, redo, move=local)
 
+    def _remove_partials(self, *patterns: str) -> None:
+        """Remove the temporaries (``<file>.<uuid>.partial``) that a killed writer of the files matching
+        ``patterns`` left in a local store."""
+        if _is_local(self.path):
+            for pattern in patterns:
+                for partial in Path(self.path).glob(f"{Path(pattern).with_suffix('')}.*.partial"):
+                    partial.unlink(missing_ok=True)
+
     def _chunk_key(self, name: str, shard: int) -> str:
         return self._arrays[name].metadata.encode_chunk_key((shard,) + (0,) * (self._arrays[name].ndim - 1))
 
@@ -304,6 +316,8 @@ class FeatureStore:
                 f"{self.path}: the store is {'' if self.flipped else 'not '}flipped, so tokens_flipped must "
                 f"{'' if self.flipped else 'not '}be given"
             )
+        names = (*self._token_arrays(), "valid", "done")
+        self._remove_partials(*(f"{name}/{self._chunk_key(name, shard_index)}" for name in names))
         arrays = {"tokens": tokens, "tokens_flipped": tokens_flipped}
         data = {name: self._checked_tokens(arrays[name], name, rows) for name in self._token_arrays()}
         data["valid"] = self._checked(np.asarray(valid), "valid", (len(rows), *self.grid)).astype(bool)

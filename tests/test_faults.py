@@ -9,7 +9,12 @@ unit was recomputed.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +22,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from pipeline.cache import Ledger
+from pipeline.cache import TEMP_MARK, Ledger
 from pipeline.cli import cli
 from tests.stages.datasets.synthetic import write_pfpascal, write_pfpascal_csv
 
@@ -155,14 +160,25 @@ def test_a_damaged_shard_index_is_set_aside_by_verify_and_recomputed(demo, basel
     store = next((demo / "cache" / "features" / "demo").glob("*.zarr"))
     shard = store / "tokens" / "c" / "0" / "0" / "0" / "0"
     flip_byte(shard, shard.stat().st_size - 6)  # inside the shard's index
-    failed = invoke(demo, "run", "--stage", "match", "--force", ok=False)
-    assert failed.exit_code == 1 and "shard 0" in failed.output and "--verify" in failed.output
     verified = invoke(demo, "run", "--stage", "features", "--verify")
     assert "damaged: " in verified.output and str(shard) in verified.output
     assert damaged_aside(shard)
     invoke(demo, "run", "--stage", "match")
     pd.testing.assert_frame_equal(results(demo), results(baseline))
     assert "verify: every record read back intact" in invoke(demo, "run", *STAGES, "--verify").output
+
+
+def test_match_names_a_damaged_feature_shard_and_the_command_that_recomputes_it(demo, baseline):
+    store = next((demo / "cache" / "features" / "demo").glob("*.zarr"))
+    shard = store / "tokens" / "c" / "1" / "0" / "0" / "0"
+    flip_byte(shard, shard.stat().st_size // 2)  # inside a chunk of shard 1
+    failed = invoke(demo, "run", "--stage", "match", "--force", ok=False)
+    assert failed.exit_code == 1 and "shard 1) fails its checksum" in failed.output
+    command = "pipeline run --stage features --stage match --dataset demo --backbone daisy"
+    assert f"demo: feature shard(s) [1] are damaged and now marked for recomputation: run `{command}`" in failed.output
+    assert damaged_aside(shard)
+    invoke(demo, *command.split()[1:])
+    pd.testing.assert_frame_equal(results(demo), results(baseline))
 
 
 @pytest.mark.parametrize("table", ["pairs", "keypoints"])
@@ -245,3 +261,51 @@ def test_an_empty_pair_list_is_an_error_naming_it_and_force_keeps_the_old_tables
     assert pd.read_parquet(tables / "pairs.parquet").empty
     refused = invoke(tmp_path, "run", "--stage", "match", ok=False)
     assert refused.exit_code == 1 and "has no pairs of split 'test'" in refused.output
+
+
+@pytest.mark.parametrize("root", ["data", "cache", "outputs"])
+def test_a_store_root_that_is_a_file_stops_the_run_before_any_work(tmp_path, root):
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(CATALOG))
+    (tmp_path / root).write_text("a file where a folder should be")
+    failed = invoke(tmp_path, "run", *STAGES, ok=False)
+    setting = {"data": "data_root", "cache": "cache_root", "outputs": "outputs"}[root]
+    assert failed.output.splitlines() == [
+        f"error: stores.{setting} {tmp_path / root} is a file, not a folder; point it at a folder you can write"
+    ]
+    assert not (tmp_path / "data" / "raw").exists() or root == "data"
+
+
+def leftover_temporaries(folder: Path) -> list[Path]:
+    """Temporaries of atomic writes, Zarr's partial writes and extraction staging under ``folder``."""
+    return [p for p in folder.rglob("*") if TEMP_MARK in p.name or p.name.endswith(".partial") or p.name == ".staging"]
+
+
+KILL_POINTS = [  # (what has just happened, a file that shows it)
+    ("the demo is being generated", "data/raw"),
+    ("normalised", "data/normalized/demo/.done/normalized.json"),
+    ("the feature store is created", "cache/features/demo/*.zarr/zarr.json"),
+    ("matching started", "outputs/default/config.json"),
+    ("a batch is committed", "outputs/default/.done/*.json"),
+]
+
+
+@pytest.mark.slow
+def test_runs_killed_at_several_points_resume_to_identical_results_without_temporaries(tmp_path, baseline):
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(CATALOG))
+    main = "from pipeline.cli import main; main()"
+    command = [sys.executable, "-c", main, "--catalog", str(tmp_path / "catalog.yaml"), "-q", "run", *STAGES]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    killed = []
+    for what, pattern in KILL_POINTS:
+        run = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while run.poll() is None and not any(tmp_path.glob(pattern)):
+            time.sleep(0.01)
+        if run.poll() is None:
+            run.send_signal(signal.SIGKILL)
+            killed.append(what)
+        run.wait()
+    assert len(killed) >= 3, killed  # most points are reached before the run could finish
+    final = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    pd.testing.assert_frame_equal(results(tmp_path), results(baseline))
+    assert leftover_temporaries(tmp_path) == []

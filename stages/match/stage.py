@@ -42,7 +42,7 @@ from pipeline.catalog import Catalog
 from pipeline.cluster import dask_client
 from pipeline.context import StageContext, StageStatus
 from pipeline.errors import CatalogError, PipelineError, StageError
-from pipeline.features_store import FeatureStore, FeatureStoreError
+from pipeline.features_store import CorruptFeaturesError, FeatureStore, FeatureStoreError
 from pipeline.progress import progress_bar
 from pipeline.provenance import provenance
 from stages.datasets import stage as normalize_stage
@@ -457,10 +457,21 @@ def match(ctx: StageContext, batch_size: int) -> None:
             f"{', '.join(task.pair_ids)}: {type(error).__name__}: {error}"
             for task, error in failures
         ]
+        damaged = {task.dataset for task, error in failures if isinstance(error, CorruptFeaturesError)}
+        lines += [_mark_damaged_features(plan) for plan in plans if plan.dataset in damaged]
         raise StageError(
             f"match: {len(failures)} of {len(tasks)} batch(es) failed twice; the others are stored and the next "
             "run computes only these:\n  " + "\n  ".join(lines)
         )
+
+
+def _mark_damaged_features(plan: DatasetPlan) -> str:
+    """Mark the plan's damaged feature shards for recomputation; returns the command that recomputes them."""
+    shards = plan.store.verify()
+    return (
+        f"{plan.dataset}: feature shard(s) {shards} are damaged and now marked for recomputation: run "
+        f"`pipeline run --stage features --stage match --dataset {plan.dataset} --backbone {plan.backbone}`"
+    )
 
 
 def run(ctx: StageContext) -> None:
