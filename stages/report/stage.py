@@ -22,6 +22,7 @@ from pipeline.context import StageContext, StageStatus
 from pipeline.errors import StageError
 from stages.report import plots, tables
 from stages.report.html import Alert, Block, Picture, Section, Table, Text, write_documents
+from stages.report.paper import paper_section
 from stages.report.pictures import match_pictures, percent, slug
 
 log = logging.getLogger(__name__)
@@ -270,6 +271,10 @@ def _compose(
         _run_section(run_name, run_folder, run.pairs),
         _headline_section(run.pairs, numbers["headline"], numbers["gwot_minus_nn"]),
     ]
+    kinds = {name: spec.kind for name, spec in catalog.datasets.items()}
+    paper, paper_tables = paper_section(folder, run.pairs, run.keypoints, kinds)
+    numbers.update(paper_tables)
+    sections += [paper] if paper is not None else []
     if not numbers["flow"].empty:
         sections.append(_flow_section(numbers["flow"]))
     optional = [
