@@ -8,9 +8,10 @@ content) and the PNGs; it is rebuilt whole and swapped in atomically, so it neve
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +21,7 @@ from pipeline.cache import atomic_path
 from pipeline.catalog import Catalog
 from pipeline.context import StageContext, StageStatus
 from pipeline.errors import StageError
+from stages.matcher_params import parse_params
 from stages.report import plots, tables
 from stages.report.html import Alert, Block, Picture, Section, Table, Text, write_documents
 from stages.report.paper import paper_section
@@ -185,7 +187,7 @@ def _scatter_pictures(folder: Path, at_alpha: pd.DataFrame, references: dict[tup
         if both.empty:
             continue
         nn_label, gwot_label = both["matcher_label_nn"].iloc[0], both["matcher_label_gwot"].iloc[0]
-        file = f"pair-scatter-{slug(dataset)}-{slug(backbone_key)}.png"
+        file = f"scatter-{slug(dataset)}-{slug(backbone_key)}.png"
         title = f"{dataset}: PCK@{ALPHA:g} of each pair, {nn_label} against {gwot_label}"
         plots.plot_pair_scatter(
             both["pck_nn"], both["pck_gwot"], x_label=nn_label, y_label=gwot_label, title=title, path=folder / file
@@ -264,11 +266,16 @@ def _settings_section(pairs: pd.DataFrame) -> Section:
     return Section("Settings", (text, Table(table.rename(columns=names))))
 
 
-def report_numbers(run: tables.RunResults) -> dict[str, pd.DataFrame]:
+def catalog_defaults(catalog: Catalog) -> dict[str, str]:
+    """Matcher name -> the ``params_json`` of the catalog's own setting of it (for reference settings)."""
+    return {name: json.dumps(asdict(parse_params(spec)), sort_keys=True) for name, spec in catalog.matchers.items()}
+
+
+def report_numbers(run: tables.RunResults, defaults: Mapping[str, str] | None = None) -> dict[str, pd.DataFrame]:
     """Every table of the report as numbers (fractions), by name: ``headline``, ``gwot_minus_nn``,
     ``pair_pck`` (per pair at ``REPORT_ALPHA``), ``categories``, ``by_<difficulty column>``, ``flow``,
-    ``curves`` and ``sweeps`` (the sweep tables, concatenated)."""
-    references = tables.reference_settings(run.pairs)
+    ``curves`` and ``sweeps`` (the sweep tables, concatenated). ``defaults``: see :func:`catalog_defaults`."""
+    references = tables.reference_settings(run.pairs, defaults)
     headline = tables.pck_table(results.pck_long(tables.scored_pairs(run.pairs)))
     at_alpha = tables.pck_at(run.pairs, run.keypoints, ALPHA)
     sweeps = tables.sweep_tables(tables.pck_table(at_alpha))
@@ -288,8 +295,9 @@ def _compose(
     catalog: Catalog, run_name: str, run_folder: Path, run: tables.RunResults, folder: Path
 ) -> tuple[list[Section], dict[str, pd.DataFrame]]:
     """Draw every picture into ``folder``; returns the report's sections and the numbers behind them."""
-    numbers = report_numbers(run)
-    references = tables.reference_settings(run.pairs)
+    defaults = catalog_defaults(catalog)
+    numbers = report_numbers(run, defaults)
+    references = tables.reference_settings(run.pairs, defaults)
     at_alpha = numbers["pair_pck"]
     difficulty = {name.removeprefix("by_"): table for name, table in numbers.items() if name.startswith("by_")}
     sections = [

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import cli
-from stages.report import plots
+from stages.report import plots, tables
 
 
 def invoke(catalog: Path, *args: str) -> None:
@@ -40,7 +41,7 @@ def test_the_report_has_a_scatter_of_each_pair_nn_against_gwot(demo):
     report = demo.parent / "outputs" / "default" / "report"
     markdown = (report / "report.md").read_text()
     assert "## Per pair: NN against GWOT (PCK@0.1)" in markdown
-    (scatter,) = report.glob("pair-scatter-demo-*.png")
+    (scatter,) = report.glob("scatter-demo-*.png")
     assert scatter.name in markdown and "above the diagonal, gwot is better" in markdown
     with Image.open(scatter) as picture:
         assert picture.size == plots.PIXELS
@@ -63,3 +64,29 @@ def test_an_up_to_date_report_is_not_rebuilt_a_stale_or_forced_one_is(demo, monk
     invoke(demo, "run", "--stage", "match", "--stage", "report", "--matcher", "gwot", "--set", "gwot.eps=0.05")
     assert index.stat().st_mtime_ns > forced  # new results: rebuilt
     assert titles == ["demo: per-pair error, gwot against nn"]  # the reference settings actually drawn
+
+
+def sweep_pairs(settings: dict[str, tuple[str, str, float]]) -> pd.DataFrame:
+    """Two pairs per setting key: (label, params_json, PCK@0.1 of both pairs), matcher gwot, method gwot."""
+    rows = [
+        {"dataset": "demo", "backbone_key": "daisy-112-0", "method": "gwot", "matcher": key, "matcher_label": label,
+         "matcher_name": "gwot", "params_json": params, "n_kps": 4, "alphas": [0.05, 0.1], "pck": [0.0, pck],
+         "flow_accuracy": None}
+        for key, (label, params, pck) in settings.items()
+        for _ in range(2)
+    ]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_the_reference_setting_is_the_catalog_default_else_the_best_not_the_first_by_label():
+    sweep = {
+        "k1": ("gwot[eps=0.01]", '{"eps": 0.01}', 0.4),
+        "k2": ("gwot[eps=0.02]", '{"eps": 0.02}', 0.5),
+        "k3": ("gwot[eps=0.05]", '{"eps": 0.05}', 0.7),
+    }
+    pairs = sweep_pairs(sweep)
+    assert tables.reference_settings(pairs) == {("demo", "daisy-112-0", "gwot"): "k3"}  # the best
+    defaults = {"gwot": '{"eps": 0.02}'}  # the catalog's gwot is eps=0.02: the sweep's default setting
+    assert tables.reference_settings(pairs, defaults) == {("demo", "daisy-112-0", "gwot"): "k2"}
+    plain = sweep_pairs({**sweep, "k4": ("gwot", '{"eps": 0.03}', 0.1)})
+    assert tables.reference_settings(plain)[("demo", "daisy-112-0", "gwot")] == "k4"  # labelled as its matcher
