@@ -52,6 +52,16 @@ class Table:
 
 
 @dataclass(frozen=True)
+class Strong:
+    """A table cell shown in bold (``<strong>`` in HTML, ``**`` in Markdown): a column's best value."""
+
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
 class Picture:
     """A PNG beside the report, by its file name, with a caption."""
 
@@ -71,6 +81,10 @@ class Section:
     level: int = 2
 
 
+def _html_cell(cell: object) -> str:
+    return f"<strong>{escape(cell.text)}</strong>" if isinstance(cell, Strong) else escape(str(cell))
+
+
 def _html_block(block: Block) -> str:
     if isinstance(block, Text):
         return f"<p>{escape(block.text)}</p>"
@@ -82,7 +96,7 @@ def _html_block(block: Block) -> str:
     caption = f"<caption>{escape(block.caption)}</caption>" if block.caption else ""
     header = "".join(f"<th>{escape(str(name))}</th>" for name in block.frame.columns)
     rows = "".join(
-        "<tr>" + "".join(f"<td>{escape(str(cell))}</td>" for cell in row) + "</tr>"
+        "<tr>" + "".join(f"<td>{_html_cell(cell)}</td>" for cell in row) + "</tr>"
         for row in block.frame.itertuples(index=False)
     )
     return f"<table>{caption}<thead><tr>{header}</tr></thead><tbody>{rows}</tbody></table>"
@@ -103,7 +117,8 @@ def render_html(title: str, sections: list[Section]) -> str:
 
 
 def _markdown_cell(value: object) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    text = str(value).replace("|", "\\|").replace("\n", " ")
+    return f"**{text}**" if isinstance(value, Strong) else text
 
 
 def markdown_table(frame: pd.DataFrame) -> str:

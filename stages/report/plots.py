@@ -125,3 +125,24 @@ def plot_sweep(table: pd.DataFrame, parameter: str, others: Sequence[str], *, ti
     axes.set_ylabel("PCK (%)")
     axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(figure, path)
+
+
+def plot_pair_scatter(
+    x: np.ndarray, y: np.ndarray, *, x_label: str, y_label: str, title: str, path: str | Path
+) -> Path:
+    """One point per pair: its PCK (fractions, plotted in %) under setting ``x_label`` against ``y_label``,
+    the diagonal drawn, points darker where several coincide; the legend counts the pairs above, below and
+    on the diagonal. Writes the PNG at ``path`` and returns it."""
+    x, y = 100 * np.asarray(x, dtype=np.float64), 100 * np.asarray(y, dtype=np.float64)
+    figure, axes = _figure(title)
+    axes.plot([0, 100], [0, 100], color="grey", linestyle=":", linewidth=1)
+    above, below = int((y > x).sum()), int((y < x).sum())
+    counts = f"{y_label} better on {above}, {x_label} on {below}, equal on {len(x) - above - below} pairs"
+    axes.scatter(x, y, s=18, alpha=0.35, edgecolors="none", label=counts)
+    axes.set_xlabel(f"{x_label}: PCK of a pair (%)")
+    axes.set_ylabel(f"{y_label}: PCK of a pair (%)")
+    axes.set_xlim(-2, 102)
+    axes.set_ylim(-2, 102)
+    axes.set_aspect("equal")
+    axes.legend(fontsize=8, loc="lower right")
+    return _save(figure, path)

@@ -8,9 +8,10 @@ content) and the PNGs; it is rebuilt whole and swapped in atomically, so it neve
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -20,8 +21,10 @@ from pipeline.cache import atomic_path
 from pipeline.catalog import Catalog
 from pipeline.context import StageContext, StageStatus
 from pipeline.errors import StageError
+from stages.matcher_params import parse_params
 from stages.report import plots, tables
 from stages.report.html import Alert, Block, Picture, Section, Table, Text, write_documents
+from stages.report.paper import paper_section
 from stages.report.pictures import match_pictures, percent, slug
 
 log = logging.getLogger(__name__)
@@ -163,9 +166,34 @@ def _error_pictures(folder: Path, at_alpha: pd.DataFrame, references: dict[tuple
                 name = setting["matcher_label"].iloc[0] + (f" ({backbone_key})" if several else "")
                 errors[name] = 1 - setting["pck"].to_numpy()
         file = f"pair-error-{slug(dataset)}.png"
-        title = f"{dataset}: per-pair error, NN against GWOT"
+        title = f"{dataset}: per-pair error, {' against '.join(errors)}"
         plots.plot_error_histograms(errors, title=title, xlabel=f"1 - PCK@{ALPHA:g} of a pair", path=folder / file)
         blocks.append(Picture(file, f"{dataset}: distribution over pairs of 1 - PCK@{ALPHA:g} (per image)"))
+    return blocks
+
+
+def _scatter_pictures(folder: Path, at_alpha: pd.DataFrame, references: dict[tuple[str, str, str], str]) -> list[Block]:
+    """Per dataset and backbone with both methods: each pair's PCK@ALPHA under the reference NN setting
+    against the reference GWOT setting."""
+    blocks: list[Block] = []
+    for (dataset, backbone_key, method), nn_key in sorted(references.items()):
+        gwot_key = references.get((dataset, backbone_key, "gwot"))
+        if method != "nn" or gwot_key is None:
+            continue
+        rows = at_alpha[at_alpha["dataset"] == dataset]
+        both = rows[rows["matcher"] == nn_key].merge(
+            rows[rows["matcher"] == gwot_key], on="pair_id", suffixes=("_nn", "_gwot"), validate="1:1"
+        )
+        if both.empty:
+            continue
+        nn_label, gwot_label = both["matcher_label_nn"].iloc[0], both["matcher_label_gwot"].iloc[0]
+        file = f"scatter-{slug(dataset)}-{slug(backbone_key)}.png"
+        title = f"{dataset}: PCK@{ALPHA:g} of each pair, {nn_label} against {gwot_label}"
+        plots.plot_pair_scatter(
+            both["pck_nn"], both["pck_gwot"], x_label=nn_label, y_label=gwot_label, title=title, path=folder / file
+        )
+        caption = f"{dataset} ({backbone_key}): each pair's PCK@{ALPHA:g}; above the diagonal, {gwot_label} is better"
+        blocks.append(Picture(file, caption))
     return blocks
 
 
@@ -238,11 +266,16 @@ def _settings_section(pairs: pd.DataFrame) -> Section:
     return Section("Settings", (text, Table(table.rename(columns=names))))
 
 
-def report_numbers(run: tables.RunResults) -> dict[str, pd.DataFrame]:
+def catalog_defaults(catalog: Catalog) -> dict[str, str]:
+    """Matcher name -> the ``params_json`` of the catalog's own setting of it (for reference settings)."""
+    return {name: json.dumps(asdict(parse_params(spec)), sort_keys=True) for name, spec in catalog.matchers.items()}
+
+
+def report_numbers(run: tables.RunResults, defaults: Mapping[str, str] | None = None) -> dict[str, pd.DataFrame]:
     """Every table of the report as numbers (fractions), by name: ``headline``, ``gwot_minus_nn``,
     ``pair_pck`` (per pair at ``REPORT_ALPHA``), ``categories``, ``by_<difficulty column>``, ``flow``,
-    ``curves`` and ``sweeps`` (the sweep tables, concatenated)."""
-    references = tables.reference_settings(run.pairs)
+    ``curves`` and ``sweeps`` (the sweep tables, concatenated). ``defaults``: see :func:`catalog_defaults`."""
+    references = tables.reference_settings(run.pairs, defaults)
     headline = tables.pck_table(results.pck_long(tables.scored_pairs(run.pairs)))
     at_alpha = tables.pck_at(run.pairs, run.keypoints, ALPHA)
     sweeps = tables.sweep_tables(tables.pck_table(at_alpha))
@@ -262,19 +295,25 @@ def _compose(
     catalog: Catalog, run_name: str, run_folder: Path, run: tables.RunResults, folder: Path
 ) -> tuple[list[Section], dict[str, pd.DataFrame]]:
     """Draw every picture into ``folder``; returns the report's sections and the numbers behind them."""
-    numbers = report_numbers(run)
-    references = tables.reference_settings(run.pairs)
+    defaults = catalog_defaults(catalog)
+    numbers = report_numbers(run, defaults)
+    references = tables.reference_settings(run.pairs, defaults)
     at_alpha = numbers["pair_pck"]
     difficulty = {name.removeprefix("by_"): table for name, table in numbers.items() if name.startswith("by_")}
     sections = [
         _run_section(run_name, run_folder, run.pairs),
         _headline_section(run.pairs, numbers["headline"], numbers["gwot_minus_nn"]),
     ]
+    kinds = {name: spec.kind for name, spec in catalog.datasets.items()}
+    paper, paper_tables = paper_section(folder, run.pairs, run.keypoints, kinds)
+    numbers.update(paper_tables)
+    sections += [paper] if paper is not None else []
     if not numbers["flow"].empty:
         sections.append(_flow_section(numbers["flow"]))
     optional = [
         ("PCK against alpha", _curve_pictures(folder, numbers["curves"])),
         ("Per-pair error: NN against GWOT", _error_pictures(folder, at_alpha, references)),
+        (f"Per pair: NN against GWOT (PCK@{ALPHA:g})", _scatter_pictures(folder, at_alpha, references)),
         (f"Per category (PCK@{ALPHA:g})", _category_blocks(folder, numbers["categories"])),
         ("By difficulty (SPair-71k annotations)", _difficulty_blocks(difficulty)),
         ("Sweeps", _sweep_blocks(folder, numbers["sweeps"])),
@@ -305,8 +344,21 @@ def build_report(catalog: Catalog, run_name: str) -> Report:
     return Report(final / "index.html", final / "report.md", numbers, tuple(final / name for name in files))
 
 
+def is_up_to_date(run_folder: Path) -> bool:
+    """Whether the run's report exists and is newer than its config.json and every result part."""
+    index = report_dir(run_folder) / "index.html"
+    inputs = [run_folder / "config.json", *run_folder.glob("*/dataset=*/matcher=*/part-*.parquet")]
+    existing = [path.stat().st_mtime_ns for path in inputs if path.is_file()]
+    return index.is_file() and bool(existing) and index.stat().st_mtime_ns >= max(existing)
+
+
 def run(ctx: StageContext) -> Path:
-    """Build the report of run ``ctx.options.run_name`` (all its datasets); returns its ``index.html``."""
+    """Build the report of run ``ctx.options.run_name`` (all its datasets) unless it is up to date (or with
+    ``--force``); returns its ``index.html``."""
+    run_folder = results.run_dir(ctx.catalog.stores.outputs, ctx.options.run_name)
+    if not ctx.options.force and is_up_to_date(run_folder):
+        log.info("report of run %r is up to date: %s", ctx.options.run_name, report_dir(run_folder) / "index.html")
+        return report_dir(run_folder) / "index.html"
     report = build_report(ctx.catalog, ctx.options.run_name)
     log.info("report of run %r: %s", ctx.options.run_name, report.index)
     return report.index

@@ -78,15 +78,38 @@ def pck_table(long: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
     return grouped.drop(columns="correct").reset_index()
 
 
-def reference_settings(pairs: pd.DataFrame) -> dict[tuple[str, str, str], str]:
+def setting_scores(pairs: pd.DataFrame) -> pd.Series:
+    """Per setting key: the mean over pairs of PCK at the run's alpha nearest ``REPORT_ALPHA``, or for a
+    setting with flows only, the mean TSS-kit accuracy at T5."""
+    scored = scored_pairs(pairs)
+    position = scored["alphas"].map(lambda alphas: int(np.argmin(np.abs(np.asarray(alphas) - REPORT_ALPHA))))
+    pck = pd.Series([p[i] for p, i in zip(scored["pck"], position, strict=True)], index=scored.index, dtype=float)
+    flows = pairs[pairs["flow_accuracy"].notna()]
+    t5 = pd.Series([a[4] for a in flows["flow_accuracy"]], index=flows.index, dtype=float)
+    by_pck = pck.groupby(scored["matcher"], observed=True).mean()
+    return by_pck.combine_first(t5.groupby(flows["matcher"], observed=True).mean())
+
+
+def reference_settings(
+    pairs: pd.DataFrame, defaults: Mapping[str, str] | None = None
+) -> dict[tuple[str, str, str], str]:
     """``(dataset, backbone_key, method) -> setting key`` of the setting each method is represented by in
-    comparisons and pictures: the one labelled with the method's plain name (``nn``, ``gwot``) when the run
-    has it, else the first by label."""
-    settings = pairs[["dataset", "backbone_key", "method", "matcher", "matcher_label"]].drop_duplicates()
-    settings = settings.assign(not_plain=settings["matcher_label"] != settings["method"])
-    chosen = settings.sort_values(["not_plain", "matcher_label", "matcher"]).groupby(
-        ["dataset", "backbone_key", "method"], observed=True, sort=True
+    comparisons, sweeps and pictures: a catalog matcher's own setting (``defaults``: matcher name -> its
+    ``params_json`` in the catalog; without them, a setting labelled with its matcher's name), the method's
+    namesake matcher (``gwot``, ``nn``) first; else the best by :func:`setting_scores`; ties by label."""
+    columns = ["dataset", "backbone_key", "method", "matcher", "matcher_label", "matcher_name", "params_json"]
+    settings = pairs[columns].drop_duplicates(["dataset", "backbone_key", "matcher"])
+    if defaults is None:
+        catalog_default = settings["matcher_label"] == settings["matcher_name"]
+    else:
+        catalog_default = settings["matcher_name"].map(defaults) == settings["params_json"]
+    settings = settings.assign(
+        not_default=~catalog_default,
+        not_namesake=settings["matcher_name"] != settings["method"],
+        minus_score=-settings["matcher"].map(setting_scores(pairs)).fillna(-1.0),
     )
+    order = ["not_default", "not_namesake", "minus_score", "matcher_label", "matcher"]
+    chosen = settings.sort_values(order).groupby(["dataset", "backbone_key", "method"], observed=True, sort=True)
     return {keys: group["matcher"].iloc[0] for keys, group in chosen}
 
 

@@ -231,7 +231,7 @@ def test_html_links_exist_and_every_png_has_its_size_and_content(run):
     page.feed((report / "index.html").read_text())
     assert page.links and all((report / link).is_file() and "/" not in link for link in page.links)
     assert sorted(page.links) == sorted(p.name for p in report.glob("*.png"))  # every picture is shown
-    assert {link.split("-")[0] for link in page.links} == {"pck", "pair", "categories", "sweep"}
+    assert {link.split("-")[0] for link in page.links} == {"pck", "pair", "categories", "sweep", "scatter"}
     assert "pair-error-tss.png" in page.links and "sweep-demo-daisy-112-" in " ".join(page.links)
 
     data = Path(load_catalog(catalog, environ={}).stores.data_root)

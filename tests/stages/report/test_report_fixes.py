@@ -1,0 +1,92 @@
+"""Report fixes: a per-pair NN-against-GWOT scatter, histogram titles naming the settings drawn, and an
+up-to-date report that is not rebuilt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.cli import cli
+from stages.report import plots, tables
+
+
+def invoke(catalog: Path, *args: str) -> None:
+    result = CliRunner().invoke(cli, ["--catalog", str(catalog), "-q", *args])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    """A demo run matched with nn and gwot, its report built: the catalog."""
+    folder = tmp_path_factory.mktemp("fixes")
+    catalog = folder / "catalog.yaml"
+    body = {
+        "datasets": {"demo": {"kind": "demo", "options": {"n_pairs": 3, "max_side": 96, "n_keypoints": 6}}},
+        "backbones": {"daisy": {"model": "daisy", "weights": "none", "image_size": 112}},
+        "default_backbone": "daisy",
+        "matchers": {"nn": {"method": "nn"}, "gwot": {"method": "gwot", "params": {"outer_iters": 3}}},
+        "cluster": {"n_workers": 1, "processes": False},
+    }
+    catalog.write_text(yaml.safe_dump(body))
+    invoke(catalog, "run")
+    return catalog
+
+
+def test_the_report_has_a_scatter_of_each_pair_nn_against_gwot(demo):
+    report = demo.parent / "outputs" / "default" / "report"
+    markdown = (report / "report.md").read_text()
+    assert "## Per pair: NN against GWOT (PCK@0.1)" in markdown
+    (scatter,) = report.glob("scatter-demo-*.png")
+    assert scatter.name in markdown and "above the diagonal, gwot is better" in markdown
+    with Image.open(scatter) as picture:
+        assert picture.size == plots.PIXELS
+
+
+def test_an_up_to_date_report_is_not_rebuilt_a_stale_or_forced_one_is(demo, monkeypatch):
+    index = demo.parent / "outputs" / "default" / "report" / "index.html"
+    built = index.stat().st_mtime_ns
+    invoke(demo, "run", "--stage", "report")
+    assert index.stat().st_mtime_ns == built
+    invoke(demo, "run", "--stage", "report", "--force")
+    forced = index.stat().st_mtime_ns
+    assert forced > built
+
+    titles = []
+    original = plots.plot_error_histograms
+    monkeypatch.setattr(
+        plots, "plot_error_histograms", lambda errors, **kw: titles.append(kw["title"]) or original(errors, **kw)
+    )
+    invoke(demo, "run", "--stage", "match", "--stage", "report", "--matcher", "gwot", "--set", "gwot.eps=0.05")
+    assert index.stat().st_mtime_ns > forced  # new results: rebuilt
+    assert titles == ["demo: per-pair error, gwot against nn"]  # the reference settings actually drawn
+
+
+def sweep_pairs(settings: dict[str, tuple[str, str, float]]) -> pd.DataFrame:
+    """Two pairs per setting key: (label, params_json, PCK@0.1 of both pairs), matcher gwot, method gwot."""
+    rows = [
+        {"dataset": "demo", "backbone_key": "daisy-112-0", "method": "gwot", "matcher": key, "matcher_label": label,
+         "matcher_name": "gwot", "params_json": params, "n_kps": 4, "alphas": [0.05, 0.1], "pck": [0.0, pck],
+         "flow_accuracy": None}
+        for key, (label, params, pck) in settings.items()
+        for _ in range(2)
+    ]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_the_reference_setting_is_the_catalog_default_else_the_best_not_the_first_by_label():
+    sweep = {
+        "k1": ("gwot[eps=0.01]", '{"eps": 0.01}', 0.4),
+        "k2": ("gwot[eps=0.02]", '{"eps": 0.02}', 0.5),
+        "k3": ("gwot[eps=0.05]", '{"eps": 0.05}', 0.7),
+    }
+    pairs = sweep_pairs(sweep)
+    assert tables.reference_settings(pairs) == {("demo", "daisy-112-0", "gwot"): "k3"}  # the best
+    defaults = {"gwot": '{"eps": 0.02}'}  # the catalog's gwot is eps=0.02: the sweep's default setting
+    assert tables.reference_settings(pairs, defaults) == {("demo", "daisy-112-0", "gwot"): "k2"}
+    plain = sweep_pairs({**sweep, "k4": ("gwot", '{"eps": 0.03}', 0.1)})
+    assert tables.reference_settings(plain)[("demo", "daisy-112-0", "gwot")] == "k4"  # labelled as its matcher
