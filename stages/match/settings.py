@@ -49,6 +49,8 @@ class GWOTParams:
     inner_iters: int = 50
     outer_tol: float = 1e-3
     inner_tol: float = 1e-4
+    coarse_to_fine: bool = True
+    window_radius: int = 4
     window: int = 3
 
     def solver_kwargs(self) -> dict[str, Any]:
