@@ -1,21 +1,25 @@
-"""Time and peak memory per pair of NN, GWOT (defaults) and POT's dense entropic FGW on growing grids.
+"""Time, peak memory and accuracy per pair of NN, GWOT (dense and coarse-to-fine) and POT's dense entropic FGW.
 
-Prints a Markdown table; times are the best of the repeats (robust to other load on the machine). Each
-measurement runs in its own subprocess so that peak memory is its own: on CUDA it is
+Prints two Markdown tables. Speed: seconds per pair (best of the repeats after a warm-up) and peak memory on
+growing grids of synthetic features (a smooth random field sampled on the source grid and, with noise, on a
+rotated, zoomed and bent copy of it). Every measurement runs in its own subprocess with ``--threads`` torch
+threads (1 by default: faster than 2 on a 2-core machine), so that its peak memory is its own: on CUDA
 ``torch.cuda.max_memory_allocated`` above the inputs; on CPU the growth of the process's peak resident set
-(``ru_maxrss``) during the solves. Features are synthetic: a smooth random field sampled on the
-source grid and, with noise, on a rotated, zoomed and bent copy of it for the target.
+(``ru_maxrss``) during the solves. Accuracy: PCK@0.1 of dense and coarse-to-fine GWOT (and NN) on
+scikit-image photos under seeded smooth warps, DAISY descriptors on a G x G grid (the project's
+warp-quality test, at every grid size).
 
-POT runs balanced (it has no unbalanced FGW) in float64 NumPy with C1/C2 the dense 0/1 neighbourhood
-matrices, ``alpha``/``epsilon`` mapped from the GWOT defaults as documented in ``stages.match.gwot.gwot``,
-the same number of outer steps and its default inner Sinkhorn (at most 1000 iterations, no warm start).
-Where its time, extrapolated as N^3 from the previous grid, would exceed ``--pot-budget`` seconds, only one
-outer step is timed and multiplied by the number of steps (every step does the same work); such
-estimates are marked ``~``. The last column is the largest absolute difference between POT's plan and
-GWOT's at matched settings (``rho = inf``, ``w_y = 0``, float32, 1000 inner iterations like POT's).
+Matched work: the GWOT columns run exactly ``outer_iters`` mirror-descent steps (``outer_tol = 0``, at most
+``inner_iters`` warm-started Sinkhorn iterations each; coarse-to-fine runs them on each level). POT runs
+balanced (it has no unbalanced FGW) in float64 NumPy with C1/C2 the dense 0/1 neighbourhood matrices and
+``alpha``/``epsilon`` mapped from the GWOT defaults as documented in ``stages.match.gwot.gwot``, for the same
+``outer_iters`` steps (``tol = 0``), twice: as it runs by default (``numItermax = 1000`` cold Sinkhorn
+iterations per step) and warm-started (``warmstart=True``) with GWOT's inner budget (``numItermax =
+inner_iters``). Where a POT run, extrapolated as N^3 from the previous grid, would exceed ``--pot-budget``
+seconds, one outer step is timed and multiplied by the number of steps (marked ``~``).
 
-Usage (from the repository root): python -m benchmarks.matcher [--device cpu|cuda] [--grids 16,24,32,48,60]
-[--repeats 3]
+Usage (from the repository root): python -m benchmarks.matcher [--device cpu|cuda] [--grids 24,32,48,60]
+[--repeats 3] [--threads 1] [--pot-budget 120]
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import math
+import platform
 import resource
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +42,7 @@ from stages.match import gwot, nn_match
 
 CHANNELS = 64
 REPO = Path(__file__).resolve().parents[1]
+METHODS = ("nn", "dense", "c2f", "pot", "pot-warm")
 
 
 def feature_grids(grid: int, device: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,37 +77,40 @@ def gwot_defaults() -> dict:
     }
 
 
-def pot_fgw(src_feats: torch.Tensor, trg_feats: torch.Tensor, steps: int) -> np.ndarray:
-    """POT's dense balanced entropic FGW at the GWOT defaults' spatial weight and entropy (float64)."""
+def pot_settings(grid: int, warm: bool, steps: int) -> dict:
+    """POT's keyword arguments at the GWOT defaults' spatial weight and entropy (see the module docstring)."""
+    defaults = gwot_defaults()
+    s = defaults["w_s"] * grid * grid / defaults["k"] ** 2  # w_s * sqrt(N M) / k^2 with N = M
+    settings = dict(
+        loss_fun="square_loss", epsilon=defaults["eps"] / (1 + s), alpha=s / (1 + s), max_iter=steps, tol=0.0
+    )
+    settings["solver"] = "PGD"
+    if warm:
+        settings.update(warmstart=True, numItermax=defaults["inner_iters"])
+    return settings
+
+
+def pot_fgw(src_feats: torch.Tensor, trg_feats: torch.Tensor, warm: bool, steps: int) -> np.ndarray:
+    """POT's dense balanced entropic FGW (float64) for ``steps`` outer steps."""
     import ot
 
-    defaults = gwot_defaults()
-    grid, k = src_feats.shape[1], defaults["k"]
-    n = grid * grid
-    s = defaults["w_s"] * n / k**2  # w_s * sqrt(N M) / k^2 with N = M
+    grid, k = src_feats.shape[1], gwot_defaults()["k"]
     src = torch.nn.functional.normalize(src_feats[0].flatten(0, 1).double().cpu(), dim=-1)
     trg = torch.nn.functional.normalize(trg_feats[0].flatten(0, 1).double().cpu(), dim=-1)
     adjacency = neighbourhood_matrix(grid, k)
-    uniform = np.full(n, 1 / n)
-    return ot.gromov.entropic_fused_gromov_wasserstein(
-        (1 - src @ trg.T).numpy(),
-        adjacency,
-        adjacency,
-        uniform,
-        uniform,
-        loss_fun="square_loss",
-        epsilon=defaults["eps"] / (1 + s),
-        alpha=s / (1 + s),
-        max_iter=steps,
-        tol=0.0,
-        solver="PGD",
-    )
+    uniform = np.full(grid * grid, 1 / grid**2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # POT warns that Sinkhorn did not converge within numItermax
+        return ot.gromov.entropic_fused_gromov_wasserstein(
+            (1 - src @ trg.T).numpy(), adjacency, adjacency, uniform, uniform, **pot_settings(grid, warm, steps)
+        )
 
 
-def matched_gwot(src_feats: torch.Tensor, trg_feats: torch.Tensor) -> np.ndarray:
-    """GWOT at POT's settings: balanced, no symmetry term, every outer step, converged inner solves."""
-    plan = gwot(src_feats, trg_feats, w_y=0.0, rho=math.inf, outer_tol=0.0, inner_iters=1000, inner_tol=1e-7).plan
-    return plan[0].double().cpu().numpy()
+def gwot_fixed_steps(src_feats, trg_feats, valid=(None, None), **options):
+    """GWOT at its defaults, running all ``outer_iters`` steps (no early stop), without the warning that says so."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return gwot(src_feats, trg_feats, *valid, outer_tol=0.0, **options)
 
 
 def peak_memory_mib(device: str) -> float:
@@ -119,15 +128,18 @@ def measure(method: str, grid: int, device: str, repeats: int, pot_steps: int) -
     src_feats, trg_feats = feature_grids(grid, device)
     solve = {
         "nn": lambda: nn_match(src_feats, trg_feats),
-        "gwot": lambda: gwot(src_feats, trg_feats),
-        "pot": lambda: pot_fgw(src_feats, trg_feats, pot_steps),
+        "dense": lambda: gwot_fixed_steps(src_feats, trg_feats, coarse_to_fine=False),
+        "c2f": lambda: gwot_fixed_steps(src_feats, trg_feats, coarse_to_fine=True),
+        "pot": lambda: pot_fgw(src_feats, trg_feats, False, pot_steps),
+        "pot-warm": lambda: pot_fgw(src_feats, trg_feats, True, pot_steps),
     }[method]
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     before = peak_memory_mib(device)
+    pot = method.startswith("pot")
     times = []
-    for _ in range(repeats + (method != "pot")):  # POT has no warm-up to amortise
+    for _ in range(repeats + (not pot)):  # POT has no warm-up to amortise
         start = time.perf_counter()
         result = solve()
         if device.startswith("cuda"):
@@ -135,33 +147,55 @@ def measure(method: str, grid: int, device: str, repeats: int, pot_steps: int) -
         times.append(time.perf_counter() - start)
     times = times[-repeats:]
     row = {"seconds": min(times), "memory_mib": peak_memory_mib(device) - before}
-    if method == "gwot":
+    if method in ("dense", "c2f"):
         row["inner_iters"] = int(result.inner_iters.sum())
-    if method == "pot":
+    if pot:
         row["seconds"] *= gwot_defaults()["outer_iters"] / pot_steps
-        if pot_steps == gwot_defaults()["outer_iters"]:
-            row["max_diff"] = float(np.abs(result - matched_gwot(src_feats, trg_feats)).max())
-            row["max_entry"] = float(result.max())
     return row
 
 
-def run_isolated(method: str, grid: int, device: str, repeats: int, pot_steps: int = 0) -> dict:
+def warped_photo_pck(grid: int) -> dict[str, float]:
+    """PCK@0.1 of NN, dense and coarse-to-fine GWOT (defaults) on warped photos with DAISY on a G x G grid."""
+    sys.path.insert(0, str(REPO / "tests" / "stages" / "match"))
+    import test_quality as quality
+    from skimage import data
+
+    from stages.match import transfer_keypoints
+
+    quality.GRID = grid
+    hits, total = {"nn": 0, "dense": 0, "c2f": 0}, 0
+    for seed, name in enumerate(("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry")):
+        original = getattr(data, name)()
+        warped, warped_to_original = quality.smooth_warp(original, seed)
+        height, width = original.shape[:2]
+        rng = np.random.default_rng(100 + seed)
+        keypoints = rng.uniform([0.2 * width, 0.2 * height], [0.8 * width, 0.8 * height], size=(120, 2))
+        truth = warped_to_original(keypoints)
+        inside = np.all((truth > 5) & (truth < [width - 5, height - 5]), axis=1)
+        keypoints, truth = keypoints[inside][:30], truth[inside][:30]
+        src_feats, src_valid, src_transform = quality.daisy_grid(warped)
+        trg_feats, trg_valid, trg_transform = quality.daisy_grid(original)
+        valid = (src_valid, trg_valid)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scores = {
+                "nn": nn_match(src_feats, trg_feats, *valid).similarity[0],
+                "dense": gwot(src_feats, trg_feats, *valid, coarse_to_fine=False).plan[0],
+                "c2f": gwot(src_feats, trg_feats, *valid).plan[0],
+            }
+        for method, score in scores.items():
+            temperature = 0.02 if method == "nn" else None
+            predicted = transfer_keypoints(score, keypoints, src_transform, trg_transform, temperature=temperature)
+            hits[method] += int((np.linalg.norm(predicted - truth, axis=1) <= 0.1 * max(height, width)).sum())
+        total += len(truth)
+    return {method: count / total for method, count in hits.items()}
+
+
+def run_isolated(method: str, grid: int, args: argparse.Namespace, pot_steps: int = 0) -> dict:
     """``measure`` in a fresh interpreter, so that its peak memory is not an earlier measurement's."""
-    command = [
-        sys.executable,
-        "-m",
-        "benchmarks.matcher",
-        "--worker",
-        method,
-        "--grids",
-        str(grid),
-        "--device",
-        device,
-        "--repeats",
-        str(repeats),
-        "--pot-steps",
-        str(pot_steps),
-    ]
+    command = [sys.executable, "-m", "benchmarks.matcher", "--worker", method, "--grids", str(grid)]
+    command += ["--device", args.device, "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    command += ["--pot-steps", str(pot_steps)]
     output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -169,53 +203,72 @@ def run_isolated(method: str, grid: int, device: str, repeats: int, pot_steps: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--grids", default="16,24,32,48,60", help="comma-separated grid sides (square grids)")
+    parser.add_argument("--grids", default="24,32,48,60", help="comma-separated grid sides (square grids)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--pot-budget", type=float, default=90.0, help="skip POT beyond this many seconds")
-    parser.add_argument("--worker", choices=["nn", "gwot", "pot"], help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per measurement")
+    parser.add_argument("--pot-budget", type=float, default=120.0, help="time one POT step beyond this many s")
+    parser.add_argument("--no-pck", action="store_true", help="skip the warped-photo accuracy table")
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--pot-steps", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     grids = [int(g) for g in args.grids.split(",")]
     if args.worker:
         print(json.dumps(measure(args.worker, grids[0], args.device, args.repeats, args.pot_steps)))
         return
+    import ot
+
+    defaults = gwot_defaults()
     memory = "CUDA max_memory_allocated" if args.device.startswith("cuda") else "growth of peak RSS"
+    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor()
     print(
-        f"device {args.device}, torch threads {torch.get_num_threads()}, repeats {args.repeats}, "
-        f"GWOT defaults {gwot_defaults()}; memory = {memory}\n"
+        f"device {args.device} ({device or platform.machine()}), torch {torch.__version__} with {args.threads} "
+        f"thread(s), POT {ot.__version__}, repeats {args.repeats}; memory = {memory}\n"
+        f"GWOT defaults {defaults}, run for exactly outer_iters steps (per level for c2f)\n"
+        f"POT default: {pot_settings(grids[0], False, defaults['outer_iters'])} (alpha, epsilon at G={grids[0]})\n"
+        f"POT warm: {pot_settings(grids[0], True, defaults['outer_iters'])}\n"
     )
     print(
-        "| grid | NN s/pair | NN MiB | GWOT s/pair | GWOT MiB | GWOT inner iters | POT FGW s/pair | POT MiB "
-        "| POT / GWOT time | max abs plan diff (max entry) |"
+        "| grid | NN s | NN MiB | dense s | dense MiB | c2f s | c2f MiB | c2f inner iters | POT s | POT warm s "
+        "| POT MiB | dense / c2f | POT warm / c2f | POT warm / dense |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    steps = gwot_defaults()["outer_iters"]
-    pot_seconds, pot_grid = None, None
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    steps = defaults["outer_iters"]
+    previous = {}
     for grid in grids:
-        nn = run_isolated("nn", grid, args.device, args.repeats)
-        solver = run_isolated("gwot", grid, args.device, args.repeats)
-        expected = 0.0 if pot_seconds is None else pot_seconds * (grid / pot_grid) ** 6
-        full = expected <= args.pot_budget
-        pot = run_isolated("pot", grid, args.device, 1, pot_steps=steps if full else 1)
-        pot_seconds, pot_grid = pot["seconds"], grid
-        mark = "" if full else "~"
-        difference = f"{pot['max_diff']:.1e} ({pot['max_entry']:.1e})" if full else "n/a (1 step timed)"
-        pot_cells = [
-            f"{mark}{pot['seconds']:.2f}",
-            f"{pot['memory_mib']:.0f}",
-            f"{mark}{pot['seconds'] / solver['seconds']:.0f}x",
-            difference,
-        ]
+        rows = {method: run_isolated(method, grid, args) for method in ("nn", "dense", "c2f")}
+        for method in ("pot", "pot-warm"):
+            expected = previous[method][0] * (grid / previous[method][1]) ** 6 if method in previous else 0.0
+            full = expected <= args.pot_budget
+            rows[method] = run_isolated(method, grid, args, pot_steps=steps if full else 1)
+            rows[method]["mark"] = "" if full else "~"
+            previous[method] = (rows[method]["seconds"], grid)
+        pot, warm, dense, fine = rows["pot"], rows["pot-warm"], rows["dense"], rows["c2f"]
         cells = [
             f"{grid}x{grid}",
-            f"{nn['seconds']:.4f}",
-            f"{nn['memory_mib']:.0f}",
-            f"{solver['seconds']:.3f}",
-            f"{solver['memory_mib']:.0f}",
-            str(solver["inner_iters"]),
-            *pot_cells,
+            f"{rows['nn']['seconds']:.4f}",
+            f"{rows['nn']['memory_mib']:.0f}",
+            f"{dense['seconds']:.3f}",
+            f"{dense['memory_mib']:.0f}",
+            f"{fine['seconds']:.3f}",
+            f"{fine['memory_mib']:.0f}",
+            str(fine["inner_iters"]),
+            f"{pot['mark']}{pot['seconds']:.2f}",
+            f"{warm['mark']}{warm['seconds']:.2f}",
+            f"{max(pot['memory_mib'], warm['memory_mib']):.0f}",
+            f"{dense['seconds'] / fine['seconds']:.1f}x",
+            f"{warm['mark']}{warm['seconds'] / fine['seconds']:.0f}x",
+            f"{warm['mark']}{warm['seconds'] / dense['seconds']:.1f}x",
         ]
         print("| " + " | ".join(cells) + " |", flush=True)
+    if args.no_pck:
+        return
+    print("\nPCK@0.1 on 5 warped photos (150 keypoints), DAISY on a G x G grid, solver defaults:\n")
+    print("| grid | NN | GWOT dense | GWOT coarse-to-fine |")
+    print("|---|---|---|---|")
+    for grid in grids:
+        pck = warped_photo_pck(grid)
+        print(f"| {grid}x{grid} | {pck['nn']:.3f} | {pck['dense']:.3f} | {pck['c2f']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,8 @@ class GWOTParams:
     inner_iters: int = 50
     outer_tol: float = 1e-3
     inner_tol: float = 1e-4
+    coarse_to_fine: bool = True
+    window_radius: int = 4
     window: int = 3
 
     DOMAIN: ClassVar[dict[str, Rule]] = {
@@ -75,6 +77,8 @@ class GWOTParams:
         "inner_iters": AT_LEAST_ONE,
         "outer_tol": NON_NEGATIVE,
         "inner_tol": NON_NEGATIVE,
+        "coarse_to_fine": (lambda value: isinstance(value, bool), "must be true or false"),
+        "window_radius": (AT_LEAST_ONE[0], "must be >= 1 (target patches around the coarse match)"),
         "window": PATCH_WINDOW,
     }
 

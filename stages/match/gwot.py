@@ -52,9 +52,11 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.errors import PipelineError
+from stages.match import coarse_to_fine as c2f
 from stages.match.costs import Grid, add_spatial_gradient, add_symmetry_gradient, spatial_term, symmetry_term
 from stages.match.nn import check_grids, cosine_similarity
-from stages.match.sinkhorn import sinkhorn_unbalanced
+from stages.match.sinkhorn import DENSE, DenseLayout, sinkhorn_unbalanced
+from stages.match.windows import Windows
 
 
 class ConvergenceWarning(UserWarning):
@@ -77,10 +79,20 @@ class GWOTResult:
 
 
 def _check_hyperparameters(
-    eps: float, w_s: float, k: int, k_trg: int, w_y: float, rho: float, outer_iters: int, inner_iters: int
+    eps: float,
+    w_s: float,
+    k: int,
+    k_trg: int,
+    w_y: float,
+    rho: float,
+    outer_iters: int,
+    inner_iters: int,
+    window_radius: int,
 ) -> None:
     """Reject settings outside the solver's domain, naming the knob."""
     problems = []
+    if window_radius < 1:
+        problems.append(f"window_radius must be >= 1 (target patches around the coarse match), got {window_radius}")
     if not eps > 0:
         problems.append(f"eps must be > 0, got {eps}")
     if not (w_s >= 0 and w_y >= 0):
@@ -108,21 +120,19 @@ def _kl(mass: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return (torch.special.xlogy(mass, mass) - torch.special.xlogy(mass, reference) - mass + reference).sum(1)
 
 
-def _init_plan(init: torch.Tensor | None, src_mass: torch.Tensor, trg_mass: torch.Tensor) -> torch.Tensor:
-    """The starting plan, a fresh tensor: ``a b^T`` or a copy of the caller's ``[B, N, M]`` plan (checked)."""
-    product = src_mass[:, :, None] * trg_mass[:, None, :]
-    if init is None:
-        return product
-    if init.shape != product.shape:
-        raise PipelineError(f"init plan must have shape {tuple(product.shape)}, got {tuple(init.shape)}")
+def _check_init(init: torch.Tensor, src_mass: torch.Tensor, trg_mass: torch.Tensor) -> None:
+    """The caller's starting plan must be ``[B, N, M]``, finite and non-negative."""
+    expected = (src_mass.shape[0], src_mass.shape[1], trg_mass.shape[1])
+    if init.shape != expected:
+        raise PipelineError(f"init plan must have shape {expected}, got {tuple(init.shape)}")
     if not (torch.isfinite(init).all() and (init >= 0).all()):
         raise PipelineError("init plan must be finite and non-negative")
-    return product.copy_(init)
 
 
 @dataclass(frozen=True)
 class _Problem:
-    """Everything fixed during a solve: the feature cost, the marginals, the grids and the weights."""
+    """Everything fixed during a solve: the feature cost at the plan's entries, the marginals, the grids,
+    the weights and the plan's layout (dense ``[B, N, M]`` or windows ``[B, N, K]``)."""
 
     feature_cost: torch.Tensor
     src_mass: torch.Tensor
@@ -135,40 +145,81 @@ class _Problem:
     rho: float
     k_src: int
     k_trg: int
+    layout: DenseLayout | Windows
 
     def pairs(self, ids: torch.Tensor) -> _Problem:
         """The same problem restricted to the pairs ``ids`` of the batch."""
         return dataclasses.replace(
-            self, feature_cost=self.feature_cost[ids], src_mass=self.src_mass[ids], trg_mass=self.trg_mass[ids]
+            self,
+            feature_cost=self.feature_cost[ids],
+            src_mass=self.src_mass[ids],
+            trg_mass=self.trg_mass[ids],
+            layout=self.layout.pairs(ids),
         )
 
     def step_cost(self, plan: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``Cf + w_s lambda grad Q_s(T) + w_y grad Q_y(T)`` at ``plan``, written into ``out`` ``[B, N, M]``."""
+        """``Cf + w_s lambda grad Q_s(T) + w_y grad Q_y(T)`` at ``plan``, written into ``out``."""
         out.copy_(self.feature_cost)
-        if self.spatial_weight > 0:
+        windows = self.layout if isinstance(self.layout, Windows) else None
+        if self.spatial_weight > 0 and windows is None:
             add_spatial_gradient(out, plan, self.src_grid, self.trg_grid, self.k_src, self.k_trg, self.spatial_weight)
-        if self.w_y > 0:
+        elif self.spatial_weight > 0:
+            windows.add_spatial_gradient(out, plan, self.k_src, self.k_trg, self.spatial_weight)
+        if self.w_y > 0 and windows is None:
             add_symmetry_gradient(out, plan, self.src_grid, self.trg_grid, self.w_y)
+        elif self.w_y > 0:
+            windows.add_symmetry_gradient(out, plan, self.w_y)
         return out
+
+    def trg_marginal(self, plan: torch.Tensor) -> torch.Tensor:
+        """``T^T 1`` per pair, ``[B, M]``."""
+        return self.layout.column_sum(plan) if isinstance(self.layout, Windows) else plan.sum(1)
 
     def objective(self, plan: torch.Tensor) -> torch.Tensor:
         """``E(T)`` per pair, ``[B]`` (the KL terms are constraints, left out, when ``rho = inf``)."""
         value = (self.feature_cost * plan).sum((1, 2))
         value = value + self.eps * (torch.special.xlogy(plan, plan).sum((1, 2)) - plan.sum((1, 2)))
+        windows = self.layout if isinstance(self.layout, Windows) else None
         if self.spatial_weight > 0:
-            value = (
-                value
-                + self.spatial_weight * spatial_term(plan, self.src_grid, self.trg_grid, self.k_src, self.k_trg).value
+            spatial = (
+                spatial_term(plan, self.src_grid, self.trg_grid, self.k_src, self.k_trg).value
+                if windows is None
+                else windows.spatial_value(plan, self.k_src, self.k_trg)
             )
+            value = value + self.spatial_weight * spatial
         if self.w_y > 0:
-            value = value + self.w_y * symmetry_term(plan, self.src_grid, self.trg_grid).value
+            symmetry = (
+                symmetry_term(plan, self.src_grid, self.trg_grid).value
+                if windows is None
+                else windows.symmetry_value(plan)
+            )
+            value = value + self.w_y * symmetry
         if not math.isinf(self.rho):
-            value = value + self.rho * (_kl(plan.sum(2), self.src_mass) + _kl(plan.sum(1), self.trg_mass))
+            value = value + self.rho * (_kl(plan.sum(2), self.src_mass) + _kl(self.trg_marginal(plan), self.trg_mass))
         return value
 
     def marginal_error(self, plan: torch.Tensor) -> torch.Tensor:
         """``|T1 - a|_1 + |T^T1 - b|_1`` per pair, ``[B]``."""
-        return (plan.sum(2) - self.src_mass).abs().sum(1) + (plan.sum(1) - self.trg_mass).abs().sum(1)
+        src_error = (plan.sum(2) - self.src_mass).abs().sum(1)
+        return src_error + (self.trg_marginal(plan) - self.trg_mass).abs().sum(1)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The solver's keyword settings, as :func:`gwot` takes them (``k_trg`` resolved)."""
+
+    eps: float
+    w_s: float
+    k: int
+    k_trg: int
+    w_y: float
+    rho: float
+    outer_iters: int
+    inner_iters: int
+    outer_tol: float
+    inner_tol: float
+    coarse_to_fine: bool
+    window_radius: int
 
 
 def gwot(
@@ -187,6 +238,8 @@ def gwot(
     inner_iters: int = 50,
     outer_tol: float = 1e-3,
     inner_tol: float = 1e-4,
+    coarse_to_fine: bool = True,
+    window_radius: int = 4,
     init: torch.Tensor | None = None,
 ) -> GWOTResult:
     """Solve the GWOT problem of the module docstring for a batch of feature-grid pairs, each pair on its own.
@@ -201,22 +254,32 @@ def gwot(
             source's.
         w_y: weight of the left-right order term (its gradient is in [0, 2] for a plan of mass 1).
         rho: marginal relaxation strength; ``math.inf`` forces the marginals (balanced transport).
-        outer_iters: most mirror-descent steps; a pair stops earlier once ``|T_{t+1} - T_t|_1 <= outer_tol``.
+        outer_iters: most mirror-descent steps (per level); a pair stops earlier once
+            ``|T_{t+1} - T_t|_1 <= outer_tol``.
         inner_iters: most Sinkhorn iterations per step; a pair stops earlier once its dual potentials move
             less than ``inner_tol`` (cost units) in an iteration.
+        coarse_to_fine: solve on grids average-pooled by 2 first (recursively, while the pooled grids keep
+            sides of at least 8), then at full resolution only within a window of target patches around
+            where each source patch's coarse mass went (a sparse plan: O(N K) memory and work instead of
+            O(N M)). Grids too small to pool are solved densely.
+        window_radius: the windows' half side in patches (``K = (2 r + 1)^2`` target patches per source
+            patch, at most the whole target grid).
         init: starting plan ``[B, N, M]`` (default ``a b^T``); its potentials are not known, so the first
-            Sinkhorn solve starts cold.
+            Sinkhorn solve starts cold. With ``coarse_to_fine`` it replaces the coarse levels: the windows
+            are centred on each row's mass in it.
 
     The defaults (sharp plans at ``eps`` = 1% of the cost range, quadratic weights a tenth of the cost scale,
     mildly unbalanced marginals, warm-started 10 x 50 iterations) were chosen on warped photos with DAISY
     descriptors (``tests/stages/match/test_quality.py``), not yet swept on DINOv2 features.
 
-    Returns a :class:`GWOTResult` on the features' device, in their dtype (float32 for half precision).
-    Settings ``w_s = 0`` and/or ``w_y = 0`` give the ablations, both zero gives plain entropic OT. Warns
-    (:class:`ConvergenceWarning`) when pairs did not converge.
+    Returns a :class:`GWOTResult` on the features' device, in their dtype (float32 for half precision),
+    with a dense plan (zero outside the windows); its step and iteration counts add up all levels, and
+    ``converged`` is the full-resolution level's. Settings ``w_s = 0`` and/or ``w_y = 0`` give the
+    ablations, both zero gives plain entropic OT. Warns (:class:`ConvergenceWarning`) when pairs did not
+    converge.
 
-    Mapping to POT (``rho = inf``, ``w_y = 0``, ``k_trg = k``): with ``s = w_s * lambda`` the iterates equal
-    those of ``ot.gromov.entropic_fused_gromov_wasserstein(M=Cf, C1=As, C2=At, p=a, q=b,
+    Mapping to POT (``rho = inf``, ``w_y = 0``, ``k_trg = k``, dense): with ``s = w_s * lambda`` the iterates
+    equal those of ``ot.gromov.entropic_fused_gromov_wasserstein(M=Cf, C1=As, C2=At, p=a, q=b,
     loss_fun="square_loss", alpha=s / (1 + s), epsilon=eps / (1 + s), G0=init, max_iter=outer_iters,
     solver="PGD")``: for 0/1 matrices ``(As_ik - At_jl)^2`` is ``S``, POT's ``gwggrad`` is ``grad Q_s`` at
     fixed marginals, and POT's step cost ``(1 - alpha) Cf + alpha gwggrad`` with ``epsilon`` is ours divided
@@ -224,50 +287,112 @@ def gwot(
     reg_type="entropy")``.
     """
     k_trg = k if k_trg is None else k_trg
-    _check_hyperparameters(eps, w_s, k, k_trg, w_y, rho, outer_iters, inner_iters)
+    _check_hyperparameters(eps, w_s, k, k_trg, w_y, rho, outer_iters, inner_iters, window_radius)
     src_valid, trg_valid = check_grids(src_feats, trg_feats, src_valid, trg_valid)
-    feature_cost = 1 - cosine_similarity(src_feats, trg_feats)
-    src_grid, trg_grid = tuple(src_feats.shape[1:3]), tuple(trg_feats.shape[1:3])
-    n, m = src_grid[0] * src_grid[1], trg_grid[0] * trg_grid[1]
-    problem = _Problem(
-        feature_cost=feature_cost,
-        src_mass=_marginals(src_valid, feature_cost.dtype),
-        trg_mass=_marginals(trg_valid, feature_cost.dtype),
-        src_grid=src_grid,
-        trg_grid=trg_grid,
-        eps=eps,
-        spatial_weight=w_s * math.sqrt(n * m) / (k * k_trg),
-        w_y=w_y,
-        rho=rho,
-        k_src=k,
-        k_trg=k_trg,
+    settings = _Settings(
+        eps, w_s, k, k_trg, w_y, rho, outer_iters, inner_iters, outer_tol, inner_tol, coarse_to_fine, window_radius
     )
-    plan, outer_steps, inner_used, converged = _mirror_descent(
-        problem, _init_plan(init, problem.src_mass, problem.trg_mass), outer_iters, outer_tol, inner_iters, inner_tol
-    )
-    unconverged = int((~converged).sum())
+    level = _solve(src_feats, trg_feats, src_valid, trg_valid, settings, init)
+    unconverged = int((~level.converged).sum())
     if unconverged:
         warnings.warn(
-            f"GWOT: {unconverged} of {len(converged)} pair(s) did not converge in outer_iters={outer_iters} "
+            f"GWOT: {unconverged} of {len(level.converged)} pair(s) did not converge in outer_iters={outer_iters} "
             f"steps (plan change > outer_tol={outer_tol}); raise outer_iters, or eps for smoother plans",
             ConvergenceWarning,
             stacklevel=2,
         )
+    problem = level.problem
+    dense = level.plan if problem.layout is DENSE else problem.layout.dense(level.plan)
     return GWOTResult(
-        plan=plan,
-        objective=problem.objective(plan),
-        marginal_error=problem.marginal_error(plan),
-        outer_steps=outer_steps,
-        inner_iters=inner_used,
-        converged=converged,
+        plan=dense,
+        objective=problem.objective(level.plan),
+        marginal_error=problem.marginal_error(level.plan),
+        outer_steps=level.outer_steps,
+        inner_iters=level.inner_iters,
+        converged=level.converged,
     )
 
 
+@dataclass(frozen=True)
+class _Level:
+    """One level's solution: its problem, plan (in the problem's layout), potentials and counts."""
+
+    problem: _Problem
+    plan: torch.Tensor
+    potentials: tuple[torch.Tensor, torch.Tensor]
+    outer_steps: torch.Tensor
+    inner_iters: torch.Tensor
+    converged: torch.Tensor
+
+
+def _solve(src_feats, trg_feats, src_valid, trg_valid, settings: _Settings, init: torch.Tensor | None) -> _Level:
+    """Solve one level: densely, or (coarse-to-fine) on windows placed from a coarser level or ``init``."""
+    feature_cost = 1 - cosine_similarity(src_feats, trg_feats)
+    src_grid, trg_grid = tuple(src_feats.shape[1:3]), tuple(trg_feats.shape[1:3])
+    n, m = src_grid[0] * src_grid[1], trg_grid[0] * trg_grid[1]
+    src_mass, trg_mass = _marginals(src_valid, feature_cost.dtype), _marginals(trg_valid, feature_cost.dtype)
+    if init is not None:
+        _check_init(init, src_mass, trg_mass)
+    problem = _Problem(
+        feature_cost=feature_cost,
+        src_mass=src_mass,
+        trg_mass=trg_mass,
+        src_grid=src_grid,
+        trg_grid=trg_grid,
+        eps=settings.eps,
+        spatial_weight=settings.w_s * math.sqrt(n * m) / (settings.k * settings.k_trg),
+        w_y=settings.w_y,
+        rho=settings.rho,
+        k_src=settings.k,
+        k_trg=settings.k_trg,
+        layout=DENSE,
+    )
+    potentials = torch.zeros_like(src_mass), torch.zeros_like(trg_mass)
+    coarse = None
+    if settings.coarse_to_fine and init is None and c2f.can_pool(src_grid, trg_grid):
+        coarse_settings = dataclasses.replace(
+            settings, k=c2f.coarse_size(settings.k), k_trg=c2f.coarse_size(settings.k_trg)
+        )
+        (coarse_src, coarse_src_valid), (coarse_trg, coarse_trg_valid) = (
+            c2f.pool_grid(src_feats, src_valid),
+            c2f.pool_grid(trg_feats, trg_valid),
+        )
+        coarse = _solve(coarse_src, coarse_trg, coarse_src_valid, coarse_trg_valid, coarse_settings, None)
+        coarse_plan = coarse.plan if coarse.problem.layout is DENSE else coarse.problem.layout.dense(coarse.plan)
+        windows = c2f.place_windows(coarse_plan, src_grid, trg_grid, settings.window_radius)
+        plan = c2f.upsample_plan(coarse_plan, windows, src_valid, trg_valid)
+        potentials = tuple(
+            c2f.upsample_potential(potential, grid)
+            for potential, grid in zip(coarse.potentials, (src_grid, trg_grid), strict=True)
+        )
+    elif settings.coarse_to_fine and init is not None:
+        windows = c2f.place_windows_from_plan(init, src_grid, trg_grid, settings.window_radius)
+        plan = windows.restrict(init).clone()
+    else:
+        windows = None
+        plan = (src_mass[:, :, None] * trg_mass[:, None, :]) if init is None else init.to(feature_cost, copy=True)
+    if windows is not None:
+        problem = dataclasses.replace(problem, feature_cost=windows.restrict(feature_cost), layout=windows)
+    plan, potentials, outer_steps, inner_used, converged = _mirror_descent(
+        problem, plan, potentials, settings.outer_iters, settings.outer_tol, settings.inner_iters, settings.inner_tol
+    )
+    if coarse is not None:
+        outer_steps, inner_used = outer_steps + coarse.outer_steps, inner_used + coarse.inner_iters
+    return _Level(problem, plan, potentials, outer_steps, inner_used, converged)
+
+
 def _mirror_descent(
-    problem: _Problem, plan: torch.Tensor, outer_iters: int, outer_tol: float, inner_iters: int, inner_tol: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the outer loop from ``plan`` (overwritten) with a mask of active pairs; returns the final plans
-    ``[B, N, M]`` and per pair the outer steps, inner iterations and convergence.
+    problem: _Problem,
+    plan: torch.Tensor,
+    potentials: tuple[torch.Tensor, torch.Tensor],
+    outer_iters: int,
+    outer_tol: float,
+    inner_iters: int,
+    inner_tol: float,
+):
+    """Run the outer loop from ``plan`` (overwritten) and warm-start ``potentials`` with a mask of active
+    pairs; returns the final plans and potentials and per pair the outer steps, inner iterations and
+    convergence.
 
     The working set holds the active pairs (``ids``), their plans and two scratch buffers (step cost, next
     plan) that are reused step after step; a pair that is done is copied out and the set compacted.
@@ -278,7 +403,7 @@ def _mirror_descent(
     outer_steps = torch.zeros(batch, dtype=torch.int64, device=device)
     inner_used = torch.zeros(batch, dtype=torch.int64, device=device)
     converged = torch.zeros(batch, dtype=torch.bool, device=device)
-    potentials = torch.zeros_like(problem.src_mass), torch.zeros_like(problem.trg_mass)
+    final_potentials = tuple(potential.clone() for potential in potentials)
     work, final = problem, None
     cost, spare = torch.empty_like(plan), torch.empty_like(plan)
     for step in range(outer_iters):
@@ -292,6 +417,7 @@ def _mirror_descent(
             tol=inner_tol,
             init=potentials,
             out=spare,
+            layout=work.layout,
         )
         change = torch.sub(solution.plan, plan, out=cost).abs_().sum((1, 2))
         plan, spare = solution.plan, plan
@@ -303,8 +429,10 @@ def _mirror_descent(
         converged[ids[calm]] = True
         if not bool(finished.any()):
             continue
+        for kept, potential in zip(final_potentials, potentials, strict=True):
+            kept[ids[finished]] = potential[finished]
         if final is None and bool(finished.all()):  # the whole batch at once: the plans are in order
-            return plan, outer_steps, inner_used, converged
+            return plan, final_potentials, outer_steps, inner_used, converged
         if final is None:
             final = torch.empty((batch, *plan.shape[1:]), dtype=plan.dtype, device=device)
         final[ids[finished]] = plan[finished]
@@ -314,4 +442,4 @@ def _mirror_descent(
         ids, work, plan = ids[keep], work.pairs(keep), plan[keep]
         potentials = potentials[0][keep], potentials[1][keep]
         cost, spare = torch.empty_like(plan), torch.empty_like(plan)
-    return final, outer_steps, inner_used, converged
+    return final, final_potentials, outer_steps, inner_used, converged

@@ -53,7 +53,8 @@ def test_catalog_params_parse_strictly_with_inf(tmp_path):
 
     bad = catalog_with(tmp_path, CATALOG + "  typo: {method: gwot, params: {epsilon: 0.1}}\n")
     with pytest.raises(
-        CatalogError, match=r"matchers\.typo\.params: unknown key\(s\) 'epsilon'; valid keys are eps, inner_iters"
+        CatalogError,
+        match=r"matchers\.typo\.params: unknown key\(s\) 'epsilon'; valid keys are coarse_to_fine, eps, inner_iters",
     ):
         parse_params(bad.matcher("typo"))
     wrong = catalog_with(tmp_path, CATALOG + "  wrong: {method: gwot, params: {k: 2.5}}\n")
@@ -84,9 +85,9 @@ def test_keys_are_stable_and_change_with_every_ingredient(tmp_path):
     catalog = catalog_with(tmp_path)
     (default,) = resolve_settings(catalog, ["gwot"], [], "store-a")
     canonical = (
-        '{"backbone":"store-a","implementation":2,"method":"gwot","params":{"eps":0.02,"inner_iters":50,'
-        '"inner_tol":0.0001,"k":5,"k_trg":null,"outer_iters":10,"outer_tol":0.001,"rho":1.0,"w_s":0.1,"w_y":0.1,'
-        '"window":3}}'
+        '{"backbone":"store-a","implementation":2,"method":"gwot","params":{"coarse_to_fine":true,"eps":0.02,'
+        '"inner_iters":50,"inner_tol":0.0001,"k":5,"k_trg":null,"outer_iters":10,"outer_tol":0.001,"rho":1.0,'
+        '"w_s":0.1,"w_y":0.1,"window":3,"window_radius":4}}'
     )
     assert default.key == hashlib.sha256(canonical.encode()).hexdigest()[:12]
     assert default.label == "gwot"

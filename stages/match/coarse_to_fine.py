@@ -1,0 +1,109 @@
+"""Coarse-to-fine GWOT helpers: average-pooled grids, and windows and starting plans placed from a coarse plan.
+
+A grid is pooled by 2 in each direction (the last row or column alone when a side is odd): a coarse patch's
+feature is the mean of its valid children's, and it is valid when any child is. A fine source patch's window
+is centred where its coarse parent's mass went: the mass-weighted mean of the ``3 x 3`` coarse target patches
+around the parent row's mode, in fine coordinates. The fine starting plan spreads each coarse entry evenly
+over the fine (source, target) children pairs inside the windows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from stages.match.costs import Grid
+from stages.match.windows import Windows
+
+MIN_COARSE_SIDE = 8  # the coarsest level's smallest grid side (smaller grids are solved densely)
+
+
+def pooled_side(side: int) -> int:
+    """A grid side after pooling by 2."""
+    return (side + 1) // 2
+
+
+def can_pool(src_grid: Grid, trg_grid: Grid) -> bool:
+    """Whether both grids are large enough for a coarser level."""
+    return min(pooled_side(side) for side in (*src_grid, *trg_grid)) >= MIN_COARSE_SIDE
+
+
+def coarse_size(k: int) -> int:
+    """The odd neighbourhood size on a grid pooled by 2 that spans about the same area (5 -> 3, 3 -> 3)."""
+    return 2 * ((k // 2 + 1) // 2) + 1
+
+
+def pool_grid(feats: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features ``[B, H, W, C]`` and validity ``[B, H, W]`` pooled by 2 (means over valid children)."""
+    weights = valid.to(feats.dtype)[:, None]
+    sums = F.avg_pool2d(feats.permute(0, 3, 1, 2) * weights, 2, ceil_mode=True, divisor_override=1)
+    counts = F.avg_pool2d(weights, 2, ceil_mode=True, divisor_override=1)
+    pooled = sums / counts.clamp_min(1)
+    return pooled.permute(0, 2, 3, 1).contiguous(), counts[:, 0] > 0
+
+
+def _parents(grid: Grid, device: torch.device) -> torch.Tensor:
+    """Each fine patch's coarse parent (flat index on the pooled grid), ``[N]``."""
+    rows, cols = torch.meshgrid(
+        torch.arange(grid[0], device=device), torch.arange(grid[1], device=device), indexing="ij"
+    )
+    return ((rows // 2) * pooled_side(grid[1]) + cols // 2).flatten()
+
+
+def _row_centres(plan: torch.Tensor, trg_grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each row of a dense plan ``[B, N, M]`` sends its mass: the mass-weighted mean (y, x) of the
+    ``3 x 3`` target patches around the row's mode, each ``[B, N]`` in target grid coordinates."""
+    batch = plan.shape[0]
+    rows = plan.reshape(batch, -1, *trg_grid)
+    coarse_trg = trg_grid
+    mode = rows.flatten(2).argmax(2)
+    mode_y, mode_x = mode // coarse_trg[1], mode % coarse_trg[1]
+    offsets = torch.arange(-1, 2, device=plan.device)
+    near_y = (mode_y[..., None] + offsets).clamp(0, coarse_trg[0] - 1)  # [B, Nc, 3]
+    near_x = (mode_x[..., None] + offsets).clamp(0, coarse_trg[1] - 1)
+    cells = (near_y[..., :, None] * coarse_trg[1] + near_x[..., None, :]).flatten(2)  # [B, Nc, 9]
+    mass = torch.gather(rows.flatten(2), 2, cells)
+    total = mass.sum(2).clamp_min(torch.finfo(mass.dtype).tiny)
+    return (mass * (cells // coarse_trg[1])).sum(2) / total, (mass * (cells % coarse_trg[1])).sum(2) / total
+
+
+def _windows_around(centre_y, centre_x, src_grid: Grid, trg_grid: Grid, radius: int) -> Windows:
+    """Windows of side ``2 radius + 1`` (at most the target grid's) centred at ``[B, N]`` target points."""
+    size = min(2 * radius + 1, trg_grid[0]), min(2 * radius + 1, trg_grid[1])
+    top = torch.round(centre_y - (size[0] - 1) / 2).long()
+    left = torch.round(centre_x - (size[1] - 1) / 2).long()
+    return Windows.at(top, left, size, src_grid, trg_grid)
+
+
+def place_windows(coarse_plan: torch.Tensor, src_grid: Grid, trg_grid: Grid, radius: int) -> Windows:
+    """Windows on the fine grids centred where each fine source patch's coarse parent sent its mass in the
+    dense coarse plan ``[B, Nc, Mc]``."""
+    centre_y, centre_x = _row_centres(coarse_plan, (pooled_side(trg_grid[0]), pooled_side(trg_grid[1])))
+    parents = _parents(src_grid, coarse_plan.device)
+    # A coarse patch's centre lies between its two children: fine = 2 coarse + 0.5.
+    return _windows_around(2 * centre_y[:, parents] + 0.5, 2 * centre_x[:, parents] + 0.5, src_grid, trg_grid, radius)
+
+
+def place_windows_from_plan(plan: torch.Tensor, src_grid: Grid, trg_grid: Grid, radius: int) -> Windows:
+    """Windows centred where each row of a plan ``[B, N, M]`` on the same grids sends its mass."""
+    return _windows_around(*_row_centres(plan, trg_grid), src_grid, trg_grid, radius)
+
+
+def upsample_plan(coarse_plan: torch.Tensor, windows: Windows, src_valid, trg_valid) -> torch.Tensor:
+    """The fine starting plan ``[B, N, K]``: each coarse entry shared evenly by its valid fine children pairs
+    (validity ``[B, H, W]`` of the fine grids); zero at invalid patches."""
+    src_parents = _parents(windows.src_grid, coarse_plan.device)
+    trg_parents = _parents(windows.trg_grid, coarse_plan.device)
+    src_weights, trg_weights = src_valid.flatten(1).to(coarse_plan.dtype), trg_valid.flatten(1).to(coarse_plan.dtype)
+    src_children = torch.zeros_like(coarse_plan[:, :, 0]).index_add_(1, src_parents, src_weights)
+    trg_children = torch.zeros_like(coarse_plan[:, 0, :]).index_add_(1, trg_parents, trg_weights)
+    src_share = src_weights / src_children[:, src_parents].clamp_min(1)  # [B, N]
+    trg_share = trg_weights / trg_children[:, trg_parents].clamp_min(1)  # [B, M]
+    coarse_rows = coarse_plan[:, src_parents]  # [B, N, Mc]
+    values = torch.gather(coarse_rows, 2, trg_parents[windows.index])
+    return values.mul_(src_share[:, :, None]).mul_(windows.trg(trg_share))
+
+
+def upsample_potential(coarse_potential: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """A coarse level's dual potentials ``[B, Nc]`` read at each fine patch's parent, ``[B, N]``."""
+    return coarse_potential[:, _parents(grid, coarse_potential.device)]

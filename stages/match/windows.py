@@ -1,0 +1,193 @@
+r"""Windowed (sparse) transport plans: per source patch a rectangle of target patches, and the GWOT
+operations on them without any ``N x M`` array.
+
+A windowed plan over a source grid ``Hs x Ws`` (N patches) and a target grid ``Ht x Wt`` (M patches) keeps,
+for source patch ``i`` of pair ``b``, the entries ``T_ij`` of the ``wy x wx`` target patches whose top-left
+corner is ``(top[b, i], left[b, i])`` (windows lie inside the target grid), as values ``[B, N, K]`` with
+``K = wy * wx`` in row-major window order; every other entry is zero. Storage is O(N K) instead of O(N M).
+
+The quadratic terms' gradients at the plan's entries (:mod:`stages.match.costs` has the dense ones)::
+
+    grad Q_s = 2 (As T1)_i + 2 (At T^T1)_j - 4 (As T At)_ij
+    (As T At)_ij = sum_{k in Ns(i)} (T At)_kj
+
+``T At`` of a row is a box filter of its window, exact on the window grown by ``k_trg // 2`` (``T`` is zero
+outside the window); the source-side sum reads, for each of the ``k_src^2`` neighbours ``k`` of ``i``,
+that grown window at ``i``'s window (zero where they do not overlap). The symmetry gradient depends on
+(source column, target column) only, from the plan summed per column pair (a scatter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from stages.match.costs import Grid, column_crossings, neighbour_mass_sum
+
+
+def _box_sum_last2(images: torch.Tensor, k: int, grow: int) -> torch.Tensor:
+    """Sums over ``k x k`` boxes of the last two axes, zero outside, on the grid grown by ``grow`` on each
+    side: ``[..., H, W] -> [..., H + 2 grow, W + 2 grow]`` (shifted-slice sums: fast for small images)."""
+    half = k // 2
+    *lead, height, width = images.shape
+    rows = images.new_zeros(*lead, height + 2 * grow, width)
+    for shift in range(-half, half + 1):  # output row r sums input rows r - grow + shift
+        low, high = max(0, grow - shift), min(height + 2 * grow, height + grow - shift)
+        if low < high:
+            rows[..., low:high, :] += images[..., low - grow + shift : high - grow + shift, :]
+    out = images.new_zeros(*lead, height + 2 * grow, width + 2 * grow)
+    for shift in range(-half, half + 1):
+        low, high = max(0, grow - shift), min(width + 2 * grow, width + grow - shift)
+        if low < high:
+            out[..., low:high] += rows[..., low - grow + shift : high - grow + shift]
+    return out
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Where each source patch's window of target patches lies: top-left corners ``top``/``left``
+    ``[B, N]`` (int64), the window size ``(wy, wx)`` and the two grids; ``index [B, N, K]`` is each entry's
+    flat target patch."""
+
+    top: torch.Tensor
+    left: torch.Tensor
+    size: tuple[int, int]
+    src_grid: Grid
+    trg_grid: Grid
+    index: torch.Tensor
+
+    @classmethod
+    def at(cls, top: torch.Tensor, left: torch.Tensor, size: tuple[int, int], src_grid: Grid, trg_grid: Grid):
+        """Windows with these top-left corners (clamped into the target grid)."""
+        (wy, wx), (ht, wt) = size, trg_grid
+        if not (1 <= wy <= ht and 1 <= wx <= wt):
+            raise ValueError(f"window {size} does not fit the target grid {trg_grid}")
+        top, left = top.clamp(0, ht - wy), left.clamp(0, wt - wx)
+        rows = torch.arange(wy, device=top.device)[:, None] * wt
+        cols = torch.arange(wx, device=top.device)[None, :]
+        local = (rows + cols).flatten()
+        index = (top * wt + left)[:, :, None] + local
+        return cls(top=top, left=left, size=size, src_grid=src_grid, trg_grid=trg_grid, index=index)
+
+    @property
+    def entries(self) -> int:
+        """``K``, the entries per source patch."""
+        return self.size[0] * self.size[1]
+
+    @property
+    def trg_patches(self) -> int:
+        """``M``, the target grid's patch count."""
+        return self.trg_grid[0] * self.trg_grid[1]
+
+    def pairs(self, ids: torch.Tensor) -> Windows:
+        """The windows of the pairs ``ids``."""
+        return Windows(self.top[ids], self.left[ids], self.size, self.src_grid, self.trg_grid, self.index[ids])
+
+    # The operations Sinkhorn needs (the same names as stages.match.sinkhorn.DenseLayout).
+    def trg(self, values: torch.Tensor) -> torch.Tensor:
+        """Target values ``[B, M]`` at the plan's entries, ``[B, N, K]``."""
+        return torch.gather(values, 1, self.index.flatten(1)).view(self.index.shape)
+
+    def column_sum(self, entries: torch.Tensor) -> torch.Tensor:
+        """``sum_i x_ij`` per target patch, ``[B, M]``."""
+        out = entries.new_zeros(entries.shape[0], self.trg_patches)
+        return out.scatter_add_(1, self.index.flatten(1), entries.flatten(1))
+
+    def column_logsumexp(self, entries: torch.Tensor) -> torch.Tensor:
+        """``log sum_i exp(x_ij)`` per target patch, ``[B, M]`` (``-inf`` where no window reaches)."""
+        flat, index = entries.flatten(1), self.index.flatten(1)
+        peak = entries.new_full((entries.shape[0], self.trg_patches), -torch.inf)
+        peak = peak.scatter_reduce_(1, index, flat, "amax")
+        shift = torch.where(torch.isfinite(peak), peak, 0.0)
+        total = self.column_sum(torch.exp(flat - torch.gather(shift, 1, index)).view_as(entries))
+        return total.log_().add_(shift)
+
+    def times_trg(self, kernel: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``K v`` per pair, ``[B, N]``."""
+        return torch.linalg.vecdot(kernel, self.trg(values))
+
+    def times_src(self, kernel: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``K^T u`` per pair, ``[B, M]``."""
+        return self.column_sum(kernel * values[:, :, None])
+
+    # Between layouts.
+    def dense(self, entries: torch.Tensor) -> torch.Tensor:
+        """The full ``[B, N, M]`` array of windowed entries ``[B, N, K]`` (zero outside the windows)."""
+        out = entries.new_zeros(*entries.shape[:2], self.trg_patches)
+        return out.scatter_(2, self.index, entries)
+
+    def restrict(self, full: torch.Tensor) -> torch.Tensor:
+        """The entries ``[B, N, K]`` of a full ``[B, N, M]`` array inside the windows."""
+        return torch.gather(full, 2, self.index)
+
+    # The quadratic terms.
+    def neighbour_plan_sum(self, plan: torch.Tensor, k_src: int, k_trg: int) -> torch.Tensor:
+        """``(As T At)_ij`` at the plan's entries, ``[B, N, K]`` (see the module docstring)."""
+        batch, n, _ = plan.shape
+        (wy, wx), (hs, ws) = self.size, self.src_grid
+        grow = k_trg // 2
+        grown = _box_sum_last2(plan.view(batch, n, wy, wx), k_trg, grow)  # T At on the grown windows
+        # Zero margins of a window's size, so that any non-overlapping read lands on zeros.
+        gy, gx = wy + 2 * grow, wx + 2 * grow
+        py, px = gy + 2 * wy, gx + 2 * wx
+        padded = plan.new_zeros(batch, n, py, px)
+        padded[:, :, wy : wy + gy, wx : wx + gx] = grown
+        padded = padded.view(batch, n * py * px)
+        local = (torch.arange(wy, device=plan.device)[:, None] * px + torch.arange(wx, device=plan.device)).flatten()
+        rows, cols = (
+            torch.div(torch.arange(n, device=plan.device), ws, rounding_mode="floor"),
+            torch.arange(n, device=plan.device) % ws,
+        )
+        out = torch.zeros_like(plan)
+        half = k_src // 2
+        for dy in range(-half, half + 1):
+            for dx in range(-half, half + 1):
+                inside = (rows + dy >= 0) & (rows + dy < hs) & (cols + dx >= 0) & (cols + dx < ws)
+                source = torch.where(inside, torch.arange(n, device=plan.device) + dy * ws + dx, 0)
+                # i's window in the neighbour's padded frame: top_i - top_k + grow + wy, clamped to the zeros.
+                shift_y = (self.top - self.top[:, source] + grow + wy).clamp(0, py - wy)
+                shift_x = (self.left - self.left[:, source] + grow + wx).clamp(0, px - wx)
+                start = (source * (py * px))[None] + shift_y * px + shift_x  # [B, N]
+                read = torch.gather(padded, 1, (start[:, :, None] + local).flatten(1)).view_as(plan)
+                out.add_(read.mul_(inside[None, :, None]))
+        return out
+
+    def add_spatial_gradient(self, cost, plan, k_src: int, k_trg: int, weight: float) -> torch.Tensor:
+        """``cost += weight * grad Q_s(T)`` in place at the plan's entries ``[B, N, K]``; returns ``cost``."""
+        cost.add_(self.neighbour_plan_sum(plan, k_src, k_trg), alpha=-4 * weight)
+        cost.add_(neighbour_mass_sum(plan.sum(2), self.src_grid, k_src)[:, :, None], alpha=2 * weight)
+        trg_neighbours = neighbour_mass_sum(self.column_sum(plan), self.trg_grid, k_trg)
+        return cost.add_(self.trg(trg_neighbours), alpha=2 * weight)
+
+    def spatial_value(self, plan: torch.Tensor, k_src: int, k_trg: int) -> torch.Tensor:
+        """``Q_s(T)`` per pair, ``[B]``."""
+        src_mass, trg_mass = plan.sum(2), self.column_sum(plan)
+        value = (src_mass * neighbour_mass_sum(src_mass, self.src_grid, k_src)).sum(1)
+        value = value + (trg_mass * neighbour_mass_sum(trg_mass, self.trg_grid, k_trg)).sum(1)
+        return value - 2 * (plan * self.neighbour_plan_sum(plan, k_src, k_trg)).sum((1, 2))
+
+    def _column_pairs(self) -> torch.Tensor:
+        """Each entry's (source column, target column) cell of a ``[Ws, Wt]`` table, flat, ``[B, N, K]``."""
+        ws, wt = self.src_grid[1], self.trg_grid[1]
+        src_columns = torch.arange(self.index.shape[1], device=self.index.device) % ws
+        return src_columns[None, :, None] * wt + self.index % wt
+
+    def _crossings(self, plan: torch.Tensor) -> torch.Tensor:
+        """``G`` per (source column, target column), ``[B, Ws, Wt]`` (see :mod:`stages.match.costs`)."""
+        ws, wt = self.src_grid[1], self.trg_grid[1]
+        columns = plan.new_zeros(plan.shape[0], ws * wt).scatter_add_(
+            1, self._column_pairs().flatten(1), plan.flatten(1)
+        )
+        return column_crossings(columns.view(-1, ws, wt))
+
+    def add_symmetry_gradient(self, cost: torch.Tensor, plan: torch.Tensor, weight: float) -> torch.Tensor:
+        """``cost += weight * grad Q_y(T)`` in place at the plan's entries; returns ``cost``."""
+        crossing = self._crossings(plan).flatten(1)
+        cells = self._column_pairs()
+        return cost.add_(torch.gather(crossing, 1, cells.flatten(1)).view_as(cost), alpha=2 * weight)
+
+    def symmetry_value(self, plan: torch.Tensor) -> torch.Tensor:
+        """``Q_y(T)`` per pair, ``[B]``."""
+        crossing = self._crossings(plan).flatten(1)
+        return (plan * torch.gather(crossing, 1, self._column_pairs().flatten(1)).view_as(plan)).sum((1, 2))
