@@ -34,6 +34,8 @@ class Source:
     sha256: str | None = None
     mirrors: tuple[str, ...] = ()
     extract: bool = True
+    max_ratio: float | None = None  # extraction refuses more than this times the archive's size (default 100)
+    max_extracted_bytes: int | None = None  # ... or more than this in all (default 200 GiB)
 
 
 @dataclass(frozen=True)

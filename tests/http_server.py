@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +22,7 @@ class Served:
     ignore_range: set[str] = field(default_factory=set)  # paths answered 200 even to a Range request
     confirm_pages: set[str] = field(default_factory=set)  # paths that answer a Drive-style page until confirmed
     content_types: dict[str, str] = field(default_factory=dict)  # path -> Content-Type (default: binary)
+    stall: float = 2.0  # seconds a "stall" fault keeps the connection open and silent after half the body
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
     base: str = ""
 
@@ -76,15 +78,27 @@ class _Handler(BaseHTTPRequestHandler):
         if start:
             headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
         payload = body[start:]
-        self._answer(206 if start else 200, payload, headers, cut=len(payload) // 2 if fault == "drop" else None)
+        self._answer(
+            206 if start else 200,
+            payload,
+            headers,
+            cut=len(payload) // 2 if fault in ("drop", "stall") else None,
+            stall=fault == "stall",
+        )
 
-    def _answer(self, status: int, payload: bytes, headers: dict[str, str], cut: int | None = None) -> None:
-        """Send ``payload`` with its full Content-Length, or only ``cut`` bytes of it before hanging up."""
+    def _answer(
+        self, status: int, payload: bytes, headers: dict[str, str], cut: int | None = None, stall: bool = False
+    ) -> None:
+        """Send ``payload`` with its full Content-Length, or only ``cut`` bytes of it before hanging up
+        (``stall``: after keeping the connection silent for ``Served.stall`` seconds)."""
         self.send_response(status)
         for key, value in {**headers, "Content-Length": str(len(payload))}.items():
             self.send_header(key, value)
         self.end_headers()
         self.wfile.write(payload if cut is None else payload[:cut])
+        if stall:
+            self.wfile.flush()
+            time.sleep(self.server.served.stall)  # type: ignore[attr-defined]  # silent, connection open
         self.close_connection = True
 
 

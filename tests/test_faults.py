@@ -309,3 +309,13 @@ def test_runs_killed_at_several_points_resume_to_identical_results_without_tempo
     assert final.returncode == 0, final.stderr
     pd.testing.assert_frame_equal(results(tmp_path), results(baseline))
     assert leftover_temporaries(tmp_path) == []
+
+
+def test_a_truncated_run_config_is_set_aside_and_written_afresh(demo, baseline):
+    path = demo / "outputs" / "default" / "config.json"
+    truncate(path)
+    status_shows(demo, path)
+    invoke(demo, "run", "--stage", "match")
+    assert damaged_aside(path)
+    assert json.loads(path.read_text())["datasets"]["demo"]["n_pairs"] == 18
+    pd.testing.assert_frame_equal(results(demo), results(baseline))

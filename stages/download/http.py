@@ -18,6 +18,7 @@ followed once. A page without that form (quota exceeded, file not shared) fails 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import os
@@ -232,14 +233,29 @@ def _transfer(
         received = 0
         try:
             with open(part, "ab" if resumed else "wb") as out:
-                while chunk := response.read(CHUNK_BYTES):
-                    out.write(chunk)
+                while chunk := response.read1(CHUNK_BYTES):  # what has arrived: a stall keeps it
+                    _write(out, chunk, part, start + received, None if expected is None else start + expected)
                     received += len(chunk)
                     bar.update(len(chunk))
         except (OSError, http.client.HTTPException) as exc:
             raise _TransientError(f"transfer broke off after {start + received} bytes ({exc!r})") from exc
     if expected is not None and received < expected:
         raise _TransientError(f"connection closed after {start + received} of {start + expected} bytes")
+
+
+def _write(out: Any, chunk: bytes, part: Path, written: int, total: int | None) -> None:
+    """Append ``chunk`` to the open ``part``; a full disk is a DownloadError naming the space still needed."""
+    try:
+        out.write(chunk)
+        out.flush()
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        needed = f"{total - written} more bytes" if total is not None else "more space"
+        raise DownloadError(
+            f"{part}: the disk is full after {written} bytes ({needed} needed); free space and run again: the "
+            "download resumes from this partial file"
+        ) from None
 
 
 def _download(

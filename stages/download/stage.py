@@ -144,7 +144,7 @@ def _put_in_place(source: Source, archive: Path, raw: Path) -> dict[str, object]
         return {}
     staging = raw / STAGING / source.filename
     try:
-        extract(archive, staging)
+        extract(archive, staging, max_ratio=source.max_ratio, max_bytes=source.max_extracted_bytes)
         return {"entries": _merge_into(staging, raw, archive)}
     finally:
         # also sweeps what a run killed mid-extraction left in the staging folder
@@ -170,7 +170,11 @@ def _download_dataset(spec: DatasetSpec, raw: Path, options: RunOptions) -> None
             ledger.mark_done(
                 fetch_name, {"filename": source.filename, "size": size, "sha256": sha256, "origin": origin}
             )
-        extra = _put_in_place(source, archive, raw)
+        try:
+            extra = _put_in_place(source, archive, raw)
+        except DownloadError:
+            ledger.clear(fetch_name)  # a refused archive is not a fetched one: the next run checks it again
+            raise
         ledger.mark_done(
             use_name, {"filename": source.filename, "size": archive.stat().st_size, "sha256": sha256, **extra}
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import subprocess
 import tarfile
 import zipfile
 from pathlib import Path
@@ -171,3 +172,80 @@ def test_unknown_suffix_is_refused(tmp_path):
     (tmp_path / "data.rar").write_bytes(b"x")
     with pytest.raises(DownloadError, match=r"data\.rar: cannot extract: the name must end with one of \.zip"):
         extract(tmp_path / "data.rar", tmp_path / "out")
+
+
+def _zeros(size: int) -> bytes:
+    return bytes(size)
+
+
+@pytest.mark.parametrize("name", ["bomb.zip", "bomb.tar.gz"])
+def test_a_bomb_is_refused_unless_the_catalog_raises_the_limit(tmp_path, name):
+    archive = tmp_path / name
+    files = {"TSS/zeros.bin": _zeros(16 << 20)}  # 16 MiB of zeros in about 16 kB
+    if name.endswith(".zip"):
+        with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("TSS/zeros.bin", files["TSS/zeros.bin"])
+    else:
+        _write_tar(archive, files)
+    assert archive.stat().st_size < 50_000
+    target = tmp_path / "out"
+    with pytest.raises(DownloadError, match=rf"^{archive}: expands to more than \d+ bytes \(the limits: 100 times"):
+        extract(archive, target)
+    assert not target.exists() and _no_temporaries(tmp_path)
+    with pytest.raises(DownloadError, match=r"expands to more than 1000000 bytes"):
+        extract(archive, target, max_ratio=10_000, max_bytes=1_000_000)
+    extract(archive, target, max_ratio=10_000)
+    assert (target / "TSS" / "zeros.bin").stat().st_size == 16 << 20
+
+
+def _no_temporaries(folder: Path) -> bool:
+    return not any(p.name.startswith(".") for p in folder.rglob("*"))
+
+
+ZIP_HEADER_FIELDS = {"flags": (6, 8), "method": (8, 10)}  # offsets in local headers and central records
+
+
+def _patch_headers(archive: Path, field: str, value: int) -> None:
+    """Rewrite a 2-byte header field of every entry (local headers and central directory) to ``value``."""
+    data = bytearray(archive.read_bytes())
+    for signature, offset in zip((b"PK\x03\x04", b"PK\x01\x02"), ZIP_HEADER_FIELDS[field], strict=True):
+        start = data.find(signature)
+        while start != -1:
+            data[start + offset : start + offset + 2] = value.to_bytes(2, "little")
+            start = data.find(signature, start + 4)
+    archive.write_bytes(bytes(data))
+
+
+def test_entries_that_cannot_be_extracted_are_named(tmp_path):
+    long_name = f"TSS/{'n' * 300}.png"
+    archive = _write_zip(tmp_path / "long.zip", {long_name: b"x"})
+    with pytest.raises(DownloadError, match=rf"^{archive}: cannot extract entry '{long_name}': File name too long"):
+        extract(archive, tmp_path / "out")
+
+    archive = tmp_path / "encrypted.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("TSS/secret.png", b"x")
+    _patch_headers(archive, "flags", 0x1)  # the entry claims to be encrypted
+    with pytest.raises(DownloadError, match=r"cannot extract entry 'TSS/secret.png': File .* is encrypted"):
+        extract(archive, tmp_path / "out")
+
+    archive = _write_zip(tmp_path / "deflate64.zip", {"TSS/a.png": b"x"})
+    _patch_headers(archive, "method", 9)  # Deflate64, which zipfile cannot read
+    with pytest.raises(DownloadError, match=r"cannot extract entry 'TSS/.*': .*compression method is not supported"):
+        extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_during_extraction_is_one_line(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("mounting a small tmpfs needs privileges")
+    try:
+        archive = _write_zip(tmp_path / "big.zip", {"TSS/a.bin": os.urandom(2 << 20)})
+        with pytest.raises(DownloadError, match=rf"^{archive}: the disk under {disk} is full \(\d+ bytes free;"):
+            extract(archive, disk / "out")
+        assert os.listdir(disk) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

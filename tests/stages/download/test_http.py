@@ -184,3 +184,27 @@ def test_verify_returns_the_sha256_and_accepts_unknown_checksums(tmp_path):
     assert verify(path, _source("u", sha256=SHA256.upper())) == SHA256
     with pytest.raises(ChecksumError, match=r"^hand.zip: size mismatch for data.zip: expected 5 bytes"):
         verify(path, _source("u", size=5), label=Path("hand.zip"))
+
+
+def test_a_stalled_transfer_times_out_and_resumes_where_it_stopped(server, tmp_path):
+    server.files["/data.zip"] = PAYLOAD
+    server.faults["/data.zip"] = ["stall"]
+    start = time.monotonic()
+    path = fetch(_source(server.url("/data.zip")), tmp_path, backoff=0.0, timeout=0.5)
+    assert path.read_bytes() == PAYLOAD and time.monotonic() - start < server.stall
+    assert [r[2] for r in server.requests] == [None, f"bytes={len(PAYLOAD) // 2}-"]
+
+
+def test_a_full_disk_is_one_line_naming_the_space_needed_and_keeps_the_partial_file(server, tmp_path):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    server.files["/data.zip"] = PAYLOAD
+    (tmp_path / "data.zip.part").symlink_to("/dev/full")  # every write fails with ENOSPC
+    with pytest.raises(DownloadError) as failed:
+        fetch(_source(server.url("/data.zip")), tmp_path, backoff=0.0, timeout=5)
+    part = tmp_path / "data.zip.part"
+    assert str(failed.value) == (
+        f"{part}: the disk is full after 0 bytes ({len(PAYLOAD)} more bytes needed); free space and run again: "
+        "the download resumes from this partial file"
+    )
+    assert part.is_symlink() and not (tmp_path / "data.zip").exists() and len(server.requests) == 1

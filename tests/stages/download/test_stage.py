@@ -201,8 +201,11 @@ def test_unsafe_archive_leaves_nothing_extracted(server, tmp_path):
         run(ctx)
     raw = ctx.catalog.raw_dir("tss")
     assert sorted(os.listdir(raw)) == [".done", "downloads"]
-    assert Ledger(raw / ".done").done_units() == [f"fetch:{ZIP_NAME}"]
+    assert Ledger(raw / ".done").done_units() == []  # a refused archive is not left marked fetched
     assert not (raw.parent / "escaped.txt").exists()
+    with pytest.raises(UnsafeArchiveError, match=r"refusing entry '\.\./escaped\.txt'"):
+        run(ctx)  # the kept file is checked again, and refused again
+    assert server.count(f"/{ZIP_NAME}") == 1
 
 
 def _fake_kind(monkeypatch) -> list[dict]:
