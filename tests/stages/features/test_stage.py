@@ -15,6 +15,7 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
+from pipeline import cluster
 from pipeline.catalog import Catalog, load_catalog
 from pipeline.cli import cli
 from pipeline.cluster import dask_client
@@ -23,7 +24,7 @@ from pipeline.errors import CatalogError, StageError
 from pipeline.features_store import CorruptFeaturesError, FeatureStore, FeatureStoreError
 from stages.datasets import stage as normalize_stage
 from stages.download import stage as download_stage
-from stages.features import stage
+from stages.features import backbones, stage
 from stages.features.backbones import Backbone, backbone_key, create_backbone
 from stages.features.canvas import CanvasTransform, image_to_canvas
 
@@ -179,7 +180,7 @@ def test_a_second_run_computes_nothing_and_force_recomputes_everything(catalog, 
     store = stage.open_features(catalog, "demo", "vits")
     before, mtimes = read_all(store), shard_files(store)
     with monkeypatch.context() as patch:  # nothing to do: not even a Dask cluster is started
-        patch.setattr(stage, "dask_client", lambda *_: pytest.fail("a cluster was started for no work"))
+        patch.setattr(cluster, "dask_client", lambda *_: pytest.fail("a cluster was started for no work"))
         stage.run(context(catalog, backbone="vits"))
     assert forward_calls == [3, 3] and shard_files(store) == mtimes
     stage.run(context(catalog, backbone="vits", force=True))
@@ -293,7 +294,7 @@ def test_status_and_open_features_need_no_model(catalog, monkeypatch):
     with pytest.raises(FeatureStoreError, match=r"run `pipeline run --stage features --dataset demo --backbone daisy`"):
         stage.open_features(catalog, "demo")
     stage.run(ctx)
-    monkeypatch.setattr(stage, "create_backbone", None)  # any model load would now fail
+    monkeypatch.setattr(backbones, "create_backbone", None)  # any model load would now fail
     assert stage.open_features(catalog, "demo", "daisy").n_images == 6
     assert stage.status(ctx, "demo").complete
 
