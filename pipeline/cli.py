@@ -10,7 +10,6 @@ from pathlib import Path
 
 import click
 
-from pipeline import results
 from pipeline.catalog import DEFAULT_CATALOG, load_catalog
 from pipeline.context import RunOptions
 from pipeline.errors import PipelineError
@@ -126,6 +125,8 @@ def run(
         run_name=run_name,
     )
     run_stages(catalog, stages, datasets, options)
+    from pipeline import results  # imports pandas: only after a run
+
     if "match" in (stages or STAGE_ORDER):
         click.echo((results.run_dir(catalog.stores.outputs, run_name) / "summary.md").read_text())
     if "report" in (stages or STAGE_ORDER):
@@ -148,6 +149,17 @@ def status(ctx: click.Context, datasets: tuple[str, ...], backbone: str | None, 
         state = "done" if st.complete else ("partial" if st.done else "missing")
         count = f"{st.done}/{st.total if st.total is not None else '?'}"
         click.echo(f"{dataset:<14} {stage:<10} {state:<9} {count:>11}  {st.detail}")
+
+
+@cli.command("list")
+@click.argument("sections", nargs=-1, type=click.Choice(["datasets", "backbones", "matchers", "runs"]))
+@click.pass_context
+def list_command(ctx: click.Context, sections: tuple[str, ...]) -> None:
+    """List the catalog's datasets, backbones, matchers (parameters and defaults) and the runs in <outputs>."""
+    from pipeline.listing import listing
+
+    for line in listing(load_catalog(ctx.obj["catalog_path"]), sections):
+        click.echo(line)
 
 
 @cli.command()
