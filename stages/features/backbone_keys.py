@@ -108,12 +108,14 @@ def patch_size(model: str) -> int:
     return DINOV2_PATCH_SIZE if is_dinov2(model) else timm_vit(model).patch_size
 
 
-def _normalisation(model: str) -> str | dict[str, tuple[float, ...]]:
+def _normalisation(model: str) -> str | dict[str, list[float]]:
     """``imagenet`` or the model's own ``{mean, std}``: the canvas is renormalised to what it was trained on."""
     if is_dinov2(model):
         return "imagenet"
     vit = timm_vit(model)
-    return "imagenet" if (vit.mean, vit.std) == (IMAGENET_MEAN, IMAGENET_STD) else {"mean": vit.mean, "std": vit.std}
+    if (vit.mean, vit.std) == (IMAGENET_MEAN, IMAGENET_STD):
+        return "imagenet"
+    return {"mean": list(vit.mean), "std": list(vit.std)}  # lists: equal to the store's JSON attributes
 
 
 def backbone_key(params: dict[str, Any]) -> str:

@@ -386,7 +386,7 @@ def test_any_timm_vit_is_a_backbone_on_its_own_patch_grid_and_normalisation():
     tokens = vit(x)
     assert (vit.patch_size, vit.grid_size) == (16, 4) and tokens.shape == (2, 4, 4, 384)
     params = vit.key_params()
-    assert params["normalisation"] == {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    assert params["normalisation"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
     assert params["pos_embed"] == "timm" and params["weights"] == "random:0"
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     with torch.inference_mode():
@@ -402,7 +402,7 @@ def test_any_timm_vit_is_a_backbone_on_its_own_patch_grid_and_normalisation():
         ("vit_smal_patch14_dinov2.lvd142m", {}, r"unknown backbone model .*did you mean vit_small_patch14_dinov2"),
         ("vit_small_patch14_dinov2.in1k", {}, r"unknown backbone model 'vit_small_patch14_dinov2.in1k': neither"),
         ("resnet18.a1_in1k", {}, r"'resnet18.a1_in1k' is a ResNet, not a ViT with square patches"),
-        ("vit_small_patch16_224.augreg_in21k", {"image_size": 64}, r"is not a DINOv2 model; set pos_embed: timm for it"),
+        ("vit_small_patch16_224.augreg_in21k", {"image_size": 64}, r"is not a DINOv2 model; set pos_embed: timm"),
         ("vit_small_patch16_224.augreg_in21k", {"pos_embed": "timm"}, r"multiple of the patch size 16, got 56"),
         (SMALL, {"layer": "last"}, r"layer must be one of prenorm, norm; got 'last'"),
         (SMALL, {"pos_embed": "bilinear"}, r"pos_embed must be one of dinov2, timm; got 'bilinear'"),

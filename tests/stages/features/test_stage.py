@@ -299,6 +299,17 @@ def test_status_and_open_features_need_no_model(catalog, monkeypatch):
     assert stage.status(ctx, "demo").complete
 
 
+def test_any_timm_vit_fills_a_store_on_its_own_patch_grid(tmp_path, demo_data):
+    vit = {"model": "vit_tiny_patch16_224.augreg_in21k", "weights": "random", "image_size": 64, "pos_embed": "timm"}
+    path = write_catalog(tmp_path, data_root=demo_data, backbones={"vitt": vit}, default_backbone="vitt")
+    catalog = load_catalog(path, environ={})
+    stage.run(context(catalog))  # a worker compares its backbone's key parameters with the store's
+    store = stage.open_features(catalog, "demo")
+    assert (store.grid, store.dim, store.n_images) == ((4, 4), 192, 6) and not store.missing_shards()
+    assert {transform["patch_size"] for transform in store.transforms} == {16}
+    assert store.backbone_params["normalisation"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+
+
 def test_worker_device_refuses_a_cluster_of_gpu_and_cpu_workers():
     assert stage.worker_device(SimpleNamespace(run=lambda _: {"tcp://a": False})) == "cpu"
     assert stage.worker_device(SimpleNamespace(run=lambda _: {"tcp://a": True})) == "cuda"
