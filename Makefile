@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/matcher.py
 	$(BIN)/python benchmarks/features.py
 	$(BIN)/python benchmarks/match_stage.py
+	$(BIN)/python benchmarks/cli_latency.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline stages tests benchmarks

@@ -34,7 +34,7 @@ from skimage import data as skdata
 from pipeline.features_store import FeatureStore
 from stages.features.backbones import create_backbone
 from stages.features.canvas import CanvasTransform
-from stages.features.stage import PATCH_SIZE, shard_features
+from stages.features.stage import shard_features
 
 PHOTOS = (skdata.astronaut, skdata.coffee, skdata.chelsea, skdata.rocket)
 DEFAULT_MODELS = "vit_small_patch14_dinov2.lvd142m,vit_base_patch14_dinov2.lvd142m,daisy"
@@ -63,7 +63,7 @@ def measure(model: str, size: int, device: str, n_images: int, batch: int) -> di
     weights = "none" if model == "daisy" else "random"
     backbone = create_backbone(model, weights=weights, image_size=size, layer="prenorm", flip=False, device=device)
     images = photos(n_images)
-    transforms = [CanvasTransform.fit(i.shape[1], i.shape[0], size, PATCH_SIZE) for i in images]
+    transforms = [CanvasTransform.fit(i.shape[1], i.shape[0], size, backbone.patch_size) for i in images]
     if device == "cuda":
         shard_features(images[:batch], transforms[:batch], backbone, batch_size=batch)
         torch.cuda.synchronize()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from pipeline import damage, results
+from pipeline import damage
 from pipeline.catalog import DEFAULT_CATALOG, load_catalog
 from pipeline.context import RunOptions
 from pipeline.errors import PipelineError
@@ -155,6 +155,8 @@ def run(
         finally:
             if verify:
                 _echo_damage(found, "verify: every record read back intact")
+    from pipeline import results  # imports pandas: only after a run
+
     if "match" in (stages or STAGE_ORDER):
         click.echo((results.run_dir(catalog.stores.outputs, run_name) / "summary.md").read_text())
     if "report" in (stages or STAGE_ORDER):
@@ -190,6 +192,17 @@ def _echo_damage(found: list[damage.Damage], when_none: str) -> None:
             click.echo(f"  {record.line()}")
     elif when_none:
         click.echo(when_none)
+
+
+@cli.command("list")
+@click.argument("sections", nargs=-1, type=click.Choice(["datasets", "backbones", "matchers", "runs"]))
+@click.pass_context
+def list_command(ctx: click.Context, sections: tuple[str, ...]) -> None:
+    """List the catalog's datasets, backbones, matchers (parameters and defaults) and the runs in <outputs>."""
+    from pipeline.listing import listing
+
+    for line in listing(load_catalog(ctx.obj["catalog_path"]), sections):
+        click.echo(line)
 
 
 @cli.command()

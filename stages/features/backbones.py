@@ -1,11 +1,12 @@
-"""Patch-feature extractors: DINOv2 through timm (hub, local or random weights) and a weights-free DAISY.
+"""Patch-feature extractors: ViTs through timm (DINOv2 above all; hub, local or random weights) and DAISY.
 
 Every backbone maps ImageNet-normalised square canvases [B, 3, S, S] (``image_to_canvas``) to patch tokens
 [B, Hp, Wp, C] float32 on its device, Hp = Wp = S / patch_size, and describes everything that changes
-those numbers in ``key_params()``: equal parameters give equal features, so the feature cache is keyed
-by them.
+those numbers in ``key_params()`` (``stages.features.backbone_keys``, which computes them without loading
+anything): equal parameters give equal features, so the feature cache is keyed by them.
 
-Weights of a DINOv2 backbone (``weights``):
+``model`` is ``daisy`` or any timm ViT name (``vit_base_patch14_dinov2.lvd142m``); a ViT trained with
+another normalisation than ImageNet's gets its canvas renormalised. Weights (``weights``):
 
 - ``"hub"``: timm's pretrained weights from the Hugging Face hub (or its local cache);
 - ``"random"`` / ``"random:<seed>"``: a random initialisation with a fixed seed, for tests only
@@ -17,56 +18,67 @@ Weights of a DINOv2 backbone (``weights``):
   the class position ``pos_embed[:, 0]`` into ``cls_token`` and keeps ``pos_embed[:, 1:]``; every other
   key (``blocks.N.attn.qkv.weight``, ``blocks.N.ls1.gamma``, ``patch_embed.proj.weight``...) is shared.
 
+``check_weights`` (``stages.features.weights``) finds weights that cannot be loaded on the driver, in
+about a second and without retries, before any cluster starts: hub weights neither in the Hugging Face
+cache nor reachable, a weights file that cannot be read or whose tensors do not fit the model.
+
 The position embedding is resampled once, when the backbone is built for its canvas size, from the
-checkpoint's grid (37 x 37 for DINOv2) to S / 14 patches per side. ``pos_embed="dinov2"`` (the default)
-does it exactly as the original DINOv2 code's ``interpolate_pos_encoding`` does, so that the tokens equal
-those of SD+DINO, GeoAware-SC and every published zero-shot number (``dinov2_pos_embed``);
-``pos_embed="timm"`` keeps timm's own resampling (bicubic to the target size, antialiased), which differs
-from the original for the plain models. Hub and file weights are loaded into a model built on the meta
-device, skipping a random initialisation that would take minutes for ViT-g on a CPU. On CUDA the forward
-pass runs under bfloat16 autocast (half the memory, tensor cores); on every other device in float32. The
-compute dtype is a key parameter.
+checkpoint's grid (37 x 37 for DINOv2) to S / patch patches per side. ``pos_embed="dinov2"`` (the default,
+for DINOv2 models only) does it exactly as the original DINOv2 code's ``interpolate_pos_encoding`` does,
+so that the tokens equal those of SD+DINO, GeoAware-SC and every published zero-shot number
+(``dinov2_pos_embed``); ``pos_embed="timm"`` keeps timm's own resampling (bicubic to the target size,
+antialiased), which differs from the original for the plain DINOv2 models. Hub and file weights are
+loaded into a model built on the meta device, skipping a random initialisation that would take minutes
+for ViT-g on a CPU. On CUDA the forward pass runs under bfloat16 autocast (half the memory, tensor cores);
+on every other device in float32. The compute dtype is a key parameter.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors
 import scipy.ndimage
 import timm
 import torch
 from skimage.feature import daisy
-from timm.models import load_state_dict, load_state_dict_from_hf
+from timm.models import load_state_dict
 from timm.models.vision_transformer import checkpoint_filter_fn
 
-from pipeline.cache import stable_hash
-from pipeline.errors import PipelineError
-from stages.features.canvas import IMAGENET_MEAN, IMAGENET_STD, CanvasTransform
-
-DINOV2_MODELS = tuple(
-    f"vit_{size}_patch14_{variant}dinov2.lvd142m"
-    for variant in ("", "reg4_")
-    for size in ("small", "base", "large", "giant")
+from stages.features.backbone_keys import (
+    DAISY,
+    DAISY_SHAPE,
+    DINOV2_MODELS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BackboneError,
+    WeightsUnavailableError,
+    backbone_key,
+    backbone_key_params,
+    hub_source,
+    patch_size,
 )
-LAYERS = ("prenorm", "norm")
-POS_EMBED_MODES = ("dinov2", "timm")  # how the position embedding is resampled to the canvas
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+from stages.features.canvas import CanvasTransform
+from stages.features.weights import check_weights, hub_weights_file, weights_unavailable
+
+__all__ = [
+    "DINOV2_MODELS",
+    "Backbone",
+    "BackboneError",
+    "WeightsUnavailableError",
+    "backbone_key",
+    "backbone_key_params",
+    "check_weights",
+    "create_backbone",
+    "dinov2_pos_embed",
+]
+
 # ITU-R 601 luma weights, as skimage.color.rgb2gray.
 GREY_WEIGHTS = (0.2125, 0.7154, 0.0721)
-
-
-class BackboneError(PipelineError):
-    """A backbone cannot be built: an unknown name, an invalid option or an unusable weights file."""
-
-
-class WeightsUnavailableError(BackboneError):
-    """Pretrained weights could not be downloaded from the Hugging Face hub (or found in its cache)."""
 
 
 class Backbone(ABC):
@@ -78,7 +90,6 @@ class Backbone(ABC):
     features that mean nothing.
     """
 
-    patch_size: int
     dim: int
 
     def __init__(
@@ -92,27 +103,17 @@ class Backbone(ABC):
         device: str | torch.device,
         pos_embed: str = "dinov2",
     ):
-        self._params = self.describe(
+        self._params = backbone_key_params(
             model, weights=weights, image_size=image_size, layer=layer, flip=flip, device=device, pos_embed=pos_embed
         )
+        self.patch_size = patch_size(model)
+        self.weights = weights
         self.image_size = image_size
+        self.layer = layer
+        self.pos_embed = pos_embed
         self.flip = flip
         self.random_weights = self._params["weights"].startswith("random")
         self.device = torch.device(device)
-
-    @staticmethod
-    @abstractmethod
-    def describe(
-        model: str,
-        *,
-        weights: str,
-        image_size: int,
-        layer: str,
-        flip: bool,
-        device: str | torch.device,
-        pos_embed: str = "dinov2",
-    ) -> dict[str, Any]:
-        """Validate the options and return the key parameters, without loading anything."""
 
     @property
     def grid_size(self) -> int:
@@ -148,109 +149,19 @@ class Backbone(ABC):
         """Tokens [B, Hp, Wp, C] float32 of canvases [B, 3, S, S] already on the device."""
 
 
-def backbone_key(params: dict[str, Any]) -> str:
-    """The store name of a backbone's ``key_params``; random weights are spelled out in it."""
-    random_tag = "-RANDOM" if str(params["weights"]).startswith("random") else ""
-    return f"{params['model']}-{params['image_size']}{random_tag}-{stable_hash(params)}"
+class ViT(Backbone):
+    """A timm ViT (DINOv2 above all); tokens of the last block before (``prenorm``) or after (``norm``) its norm."""
 
-
-@functools.lru_cache(maxsize=16)
-def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _weights_identity(weights: str) -> str:
-    """``hub``, ``random:<seed>`` or ``sha256:<digest>`` of a local file; raises on anything else."""
-    if weights == "hub":
-        return weights
-    if weights == "random":
-        return "random:0"
-    if weights.startswith("random:"):
-        seed = weights.removeprefix("random:")
-        if not seed.isdigit():
-            raise BackboneError(f"weights {weights!r}: the seed after 'random:' must be a non-negative integer")
-        return f"random:{int(seed)}"
-    path = Path(weights).expanduser().resolve()
-    if path.suffix not in WEIGHT_SUFFIXES or not path.is_file():
-        raise BackboneError(
-            f"weights must be 'hub', 'random', 'random:<seed>' or the path of an existing "
-            f"{'/'.join(WEIGHT_SUFFIXES)} file; got {weights!r}" + ("" if path.is_file() else " (no such file)")
-        )
-    stat = path.stat()
-    return "sha256:" + _file_sha256(path, stat.st_size, stat.st_mtime_ns)
-
-
-def _check_options(image_size: int, patch_size: int, layer: str, pos_embed: str) -> None:
-    if image_size <= 0 or image_size % patch_size:
-        raise BackboneError(f"image_size must be a positive multiple of the patch size {patch_size}, got {image_size}")
-    if layer not in LAYERS:
-        raise BackboneError(f"layer must be one of {', '.join(LAYERS)}; got {layer!r}")
-    if pos_embed not in POS_EMBED_MODES:
-        raise BackboneError(f"pos_embed must be one of {', '.join(POS_EMBED_MODES)}; got {pos_embed!r}")
-
-
-def _compute_dtype(device: str | torch.device) -> torch.dtype:
-    """bfloat16 autocast on CUDA (halves memory, ~2x faster on tensor cores); exact float32 elsewhere."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-class DinoV2(Backbone):
-    """DINOv2 ViT through timm; tokens of the last block before (``prenorm``) or after (``norm``) its norm."""
-
-    patch_size = 14
-
-    def __init__(
-        self,
-        model: str,
-        *,
-        weights: str,
-        image_size: int,
-        layer: str,
-        flip: bool,
-        device: str | torch.device,
-        pos_embed: str = "dinov2",
-    ):
-        super().__init__(
-            model, weights=weights, image_size=image_size, layer=layer, flip=flip, device=device, pos_embed=pos_embed
-        )
-        self.layer = layer
+    def __init__(self, model: str, **options: Any):
+        """Options as ``Backbone``'s."""
+        super().__init__(model, **options)
         # float(): a half-precision weights file still runs in float32 (autocast decides the compute dtype)
-        network = self._build(model, weights).float()
-        _set_canvas_size(network, image_size, pos_embed)
+        network = self._build(model, self.weights).float()
+        _set_canvas_size(network, self.image_size, self.pos_embed)
         self.model = network.to(self.device).eval().requires_grad_(False)
         self.dim = self.model.embed_dim
-        self._dtype = _compute_dtype(device)
-
-    @staticmethod
-    def describe(
-        model: str,
-        *,
-        weights: str,
-        image_size: int,
-        layer: str,
-        flip: bool,
-        device: str | torch.device,
-        pos_embed: str = "dinov2",
-    ) -> dict[str, Any]:
-        """Validate the options and return the key parameters, without loading anything."""
-        _check_options(image_size, DinoV2.patch_size, layer, pos_embed)
-        identity = _weights_identity(weights)
-        if identity == "hub":
-            identity = "hub:" + model.split(".", 1)[1]
-        return {
-            "model": model,
-            "weights": identity,
-            "image_size": image_size,
-            "layer": layer,
-            "pos_embed": pos_embed,
-            "normalisation": "imagenet",
-            "compute_dtype": str(_compute_dtype(device)).removeprefix("torch."),
-            "flip": flip,
-        }
+        self._dtype = getattr(torch, self._params["compute_dtype"])
+        self._renormalise = _renormalisation(self._params["normalisation"], self.device)
 
     def _build(self, model: str, weights: str) -> torch.nn.Module:
         """The network at its weights' own grid (timm's default size for random weights), not yet resampled."""
@@ -259,25 +170,41 @@ class DinoV2(Backbone):
                 torch.manual_seed(int(self._params["weights"].removeprefix("random:")))
                 return timm.create_model(model, pretrained=False, num_classes=0)
         if weights == "hub":
-            repo = timm.models.get_pretrained_cfg(model).hf_hub_id
-            state, source = _download_hub_state_dict(model, repo), f"hub:{repo}"
+            path = hub_weights_file(model)
+            state, source = (_hub_state_dict(model) if path is None else _read_weights_file(path)), f"hub:{model}"
         else:
             path = Path(weights).expanduser()
             state, source = _read_weights_file(path), str(path)
-        # Built at the checkpoint's grid, so that loading resamples nothing: _set_canvas_size does it once.
-        grid = _checkpoint_grid(state)
-        size = {} if grid is None else {"img_size": grid * self.patch_size}
-        with torch.device("meta"):  # no wasted random init: every tensor comes from the checkpoint
-            network = timm.create_model(model, pretrained=False, num_classes=0, **size)
-        _load_state_dict(network, state, source=source, model=model)
+        network = _meta_network(model, _checkpoint_grid(state))
+        network.load_state_dict(_converted_state_dict(network, state, source=source, model=model), assign=True)
         return network
 
     def _tokens(self, canvases: torch.Tensor) -> torch.Tensor:
+        if self._renormalise is not None:
+            scale, shift = self._renormalise
+            canvases = canvases * scale + shift
         with torch.autocast(self.device.type, dtype=self._dtype, enabled=self._dtype != torch.float32):
             (tokens,) = self.model.forward_intermediates(
                 canvases, indices=1, norm=self.layer == "norm", output_fmt="NLC", intermediates_only=True
             )
         return tokens.float().reshape(len(canvases), self.grid_size, self.grid_size, self.dim)
+
+
+def _renormalisation(normalisation: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(scale, shift)`` that take an ImageNet-normalised canvas to the model's own normalisation, or None."""
+    if normalisation == "imagenet":
+        return None
+    mean, std = (torch.tensor(values, device=device).view(1, 3, 1, 1) for values in (IMAGENET_MEAN, IMAGENET_STD))
+    own_mean, own_std = (torch.tensor(normalisation[k], device=device).view(1, 3, 1, 1) for k in ("mean", "std"))
+    return std / own_std, (mean - own_mean) / own_std
+
+
+def _meta_network(model: str, grid: int | None) -> torch.nn.Module:
+    """``model`` on the meta device (no wasted random init), at the checkpoint's ``grid`` so that loading
+    resamples nothing (``_set_canvas_size`` does it once); timm's default size when ``grid`` is None."""
+    size = {} if grid is None else {"img_size": grid * patch_size(model)}
+    with torch.device("meta"):
+        return timm.create_model(model, pretrained=False, num_classes=0, **size)
 
 
 def _checkpoint_grid(state: dict[str, torch.Tensor]) -> int | None:
@@ -320,27 +247,22 @@ def dinov2_pos_embed(patch_pos_embed: torch.Tensor, grid: int, *, registers: boo
 def _set_canvas_size(network: torch.nn.Module, image_size: int, pos_embed: str) -> None:
     """Resize a timm ViT to ``image_size`` canvases once: its position embedding is resampled by timm's
     ``set_input_size`` and, for ``pos_embed="dinov2"``, replaced by the original DINOv2 resampling."""
-    native = network.pos_embed.detach()
-    n_prefix = 0 if network.no_embed_class else network.num_prefix_tokens  # class position of plain models
+    native = network.pos_embed.detach() if pos_embed == "dinov2" else None
     network.set_input_size(img_size=image_size)
-    if pos_embed == "dinov2":
+    if native is not None:
+        n_prefix = 0 if network.no_embed_class else network.num_prefix_tokens  # class position of plain models
         (grid, _) = network.patch_embed.grid_size
         patches = dinov2_pos_embed(native[:, n_prefix:], grid, registers=network.num_reg_tokens > 0)
         network.pos_embed = torch.nn.Parameter(torch.cat([native[:, :n_prefix], patches], dim=1), requires_grad=False)
 
 
-def _download_hub_state_dict(model: str, repo: str) -> dict[str, torch.Tensor]:
-    """timm's pretrained state dict of ``model`` from the Hugging Face hub (or its local cache)."""
+def _hub_state_dict(model: str) -> dict[str, torch.Tensor]:
+    """timm's pretrained state dict of ``model``, downloaded from the Hugging Face hub."""
+    repo, filename, _ = hub_source(model)
     try:
-        return load_state_dict_from_hf(repo, weights_only=True)
+        return timm.models.load_state_dict_from_hf(repo, **({"filename": filename} if filename else {}))
     except OSError as error:  # huggingface_hub's connection, offline and not-found errors are all OSErrors
-        url = timm.models.get_pretrained_cfg(model).url
-        raise WeightsUnavailableError(
-            f"the weights of {model} could not be downloaded from the Hugging Face hub ({repo}): {error}. "
-            f"Fetch them on a machine with internet access (e.g. the original checkpoint {url}) and point "
-            f"this backbone's `weights:` in the catalog at the local .pth/.safetensors file; set "
-            f"HF_HUB_OFFLINE=1 to fail fast when offline."
-        ) from error
+        raise weights_unavailable(model, str(error)) from error
 
 
 def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
@@ -351,12 +273,39 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         raise BackboneError(f"{path}: cannot read the weights file: {error}") from error
 
 
-def _load_state_dict(network: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str, model: str) -> None:
-    """Load a timm- or original-DINOv2-layout state dict into ``network``; name ``source`` on any mismatch.
+def _weights_file_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file as meta tensors: names and shapes only, no tensor data read."""
+    try:
+        if path.suffix == ".safetensors":
+            with safetensors.safe_open(str(path), framework="pt") as file:
+                return {key: torch.empty(file.get_slice(key).get_shape(), device="meta") for key in file.keys()}
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # mapped, not read
+    except Exception as error:  # torch and safetensors raise many types on unreadable files
+        raise BackboneError(f"{path}: cannot read the weights file: {error}") from error
+    if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model")), dict):
+        state = state.get("state_dict", state.get("model"))  # the wrappers timm's load_state_dict unwraps
+    if not isinstance(state, dict):
+        raise BackboneError(f"{path}: not a state dict (a {type(state).__name__})")
+    return {
+        key.removeprefix("module."): torch.empty(value.shape, device="meta")
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor)
+    }
 
-    timm's ``checkpoint_filter_fn`` converts the original layout (the network is built at the checkpoint's
-    grid, so it resamples nothing).
-    """
+
+def check_weights_file(model: str, path: Path) -> None:
+    """Raise BackboneError when the weights file at ``path`` cannot be read or does not fit ``model``: names
+    and shapes only, no tensor data read (``weights.check_weights`` calls it on the driver)."""
+    state = _weights_file_shapes(path)
+    _converted_state_dict(_meta_network(model, _checkpoint_grid(state)), state, source=str(path), model=model)
+
+
+def _converted_state_dict(
+    network: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str, model: str
+) -> dict[str, torch.Tensor]:
+    """A timm- or original-DINOv2-layout state dict converted to ``network``'s keys; name ``source`` on any
+    mismatch. timm's ``checkpoint_filter_fn`` converts the original layout (the network is built at the
+    checkpoint's grid, so it resamples nothing)."""
     state = checkpoint_filter_fn(state, network)
     expected = network.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -375,7 +324,7 @@ def _load_state_dict(network: torch.nn.Module, state: dict[str, torch.Tensor], *
         raise BackboneError(
             f"{source}: not a state dict of {model} (timm or original DINOv2 layout); {'; '.join(problems)}"
         )
-    network.load_state_dict(state, assign=True)
+    return state
 
 
 class Daisy(Backbone):
@@ -386,58 +335,19 @@ class Daisy(Backbone):
     memory per 840-px canvas (skimage computes the descriptor at every pixel before subsampling).
     """
 
-    patch_size = 14
-    radius = 14
-    rings = 2
-    histograms = 6
-    orientations = 8
+    radius = DAISY_SHAPE["radius"]
+    rings = DAISY_SHAPE["rings"]
+    histograms = DAISY_SHAPE["histograms"]
+    orientations = DAISY_SHAPE["orientations"]
     dim = (rings * histograms + 1) * orientations
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        weights: str,
-        image_size: int,
-        layer: str,
-        flip: bool,
-        device: str | torch.device,
-        pos_embed: str = "dinov2",
-    ):
-        super().__init__(
-            model, weights=weights, image_size=image_size, layer=layer, flip=flip, device=device, pos_embed=pos_embed
-        )
-        centres = CanvasTransform.fit(image_size, image_size, image_size, self.patch_size).patch_centres()
+    def __init__(self, model: str, **options: Any):
+        """Options as ``Backbone``'s."""
+        super().__init__(model, **options)
+        size = self.image_size
+        centres = CanvasTransform.fit(size, size, size, self.patch_size).patch_centres()
         self._first_centre = int(np.floor(centres[0, 0, 0]))
         self._subpixel = float(centres[0, 0, 0] - self._first_centre)
-
-    @staticmethod
-    def describe(
-        model: str,
-        *,
-        weights: str,
-        image_size: int,
-        layer: str,
-        flip: bool,
-        device: str | torch.device,
-        pos_embed: str = "dinov2",
-    ) -> dict[str, Any]:
-        """Validate the options and return the key parameters (``layer``, ``pos_embed`` do not apply: not recorded)."""
-        _check_options(image_size, Daisy.patch_size, layer, pos_embed)
-        if weights not in ("none", "hub"):
-            raise BackboneError(f"daisy has no weights: weights must be 'none' (or the default 'hub'), got {weights!r}")
-        return {
-            "model": model,
-            "weights": "none",
-            "image_size": image_size,
-            "radius": Daisy.radius,
-            "rings": Daisy.rings,
-            "histograms": Daisy.histograms,
-            "orientations": Daisy.orientations,
-            "normalisation": "imagenet",
-            "compute_dtype": "float32",
-            "flip": flip,
-        }
 
     def _tokens(self, canvases: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(IMAGENET_MEAN, device=canvases.device).view(1, 3, 1, 1)
@@ -466,36 +376,6 @@ class Daisy(Backbone):
         return (descriptors / np.linalg.norm(descriptors, axis=-1, keepdims=True)).astype(np.float32)
 
 
-_REGISTRY: dict[str, type[Backbone]] = {name: DinoV2 for name in DINOV2_MODELS} | {"daisy": Daisy}
-BACKBONE_NAMES = tuple(_REGISTRY)
-
-
-def _backbone_class(model: str) -> type[Backbone]:
-    if model not in _REGISTRY:
-        raise BackboneError(f"unknown backbone model {model!r}; valid names: {', '.join(BACKBONE_NAMES)}")
-    return _REGISTRY[model]
-
-
-def backbone_key_params(
-    model: str,
-    *,
-    weights: str,
-    image_size: int,
-    layer: str,
-    flip: bool,
-    device: str | torch.device = "cpu",
-    pos_embed: str = "dinov2",
-) -> dict[str, Any]:
-    """``key_params()`` of the backbone ``create_backbone`` would build, without loading any model.
-
-    For the driver, which names the feature store before workers load the model; a local weights file is
-    hashed (sha256, cached per file size and mtime). ``device`` matters: CUDA computes in bfloat16.
-    """
-    return _backbone_class(model).describe(
-        model, weights=weights, image_size=image_size, layer=layer, flip=flip, device=device, pos_embed=pos_embed
-    )
-
-
 def create_backbone(
     model: str,
     *,
@@ -506,11 +386,12 @@ def create_backbone(
     device: str | torch.device = "cpu",
     pos_embed: str = "dinov2",
 ) -> Backbone:
-    """Build the backbone called ``model`` (a timm DINOv2 name verbatim, or ``daisy``) on ``device``.
+    """Build the backbone called ``model`` (``daisy`` or a timm ViT name verbatim) on ``device``.
 
-    ``pos_embed`` (DINOv2): ``dinov2`` resamples the position embedding as the original DINOv2 code does,
-    ``timm`` as timm does.
+    ``pos_embed`` (ViTs): ``dinov2`` resamples the position embedding as the original DINOv2 code does
+    (DINOv2 models only), ``timm`` as timm does.
     """
-    return _backbone_class(model)(
+    kind = Daisy if model == DAISY else ViT
+    return kind(
         model, weights=weights, image_size=image_size, layer=layer, flip=flip, device=device, pos_embed=pos_embed
     )

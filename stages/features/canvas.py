@@ -9,9 +9,14 @@ patch-``p`` grid covers canvas pixels [j p, (j + 1) p) and has its centre at (j 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+from stages.features.backbone_keys import IMAGENET_MEAN, IMAGENET_STD
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -98,16 +103,14 @@ class CanvasTransform:
         return asdict(self)
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def image_to_canvas(image: np.ndarray, transform: CanvasTransform, *, normalize: bool = True) -> torch.Tensor:
     """Resize an [H, W, 3] uint8 image bilinearly (antialiased) onto its padded canvas, [3, S, S] float32.
 
     With ``normalize`` the ImageNet mean/std are applied and padding is 0 after normalisation (the mean
     colour); without it values are in [0, 1] and padding is 0.
     """
+    import torch  # here, not at the top: the geometry above serves commands that never touch torch
+
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an [H, W, 3] RGB image, got shape {image.shape}")
     if image.shape[:2] != (transform.height, transform.width):

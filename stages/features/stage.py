@@ -21,29 +21,29 @@ import math
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from distributed import Client, as_completed, get_worker
-from PIL import Image
 
 from pipeline.cache import stable_hash
 from pipeline.catalog import BackboneSpec, Catalog
-from pipeline.cluster import dask_client
 from pipeline.context import StageContext, StageStatus
 from pipeline.errors import CatalogError, StageError
 from pipeline.features_store import DEFAULT_SHARD_SIZE, FeatureStore, FeatureStoreError
 from pipeline.progress import progress_bar
 from stages.datasets import stage as normalize_stage
-from stages.features.backbones import Backbone, backbone_key, backbone_key_params, create_backbone
+from stages.features.backbone_keys import BackboneError, backbone_key, backbone_key_params, patch_size
 from stages.features.canvas import CanvasTransform, image_to_canvas
+
+if TYPE_CHECKING:  # torch, timm and distributed are imported where they run: `pipeline status` needs none
+    from distributed import Client
+
+    from stages.features.backbones import Backbone
 
 log = logging.getLogger(__name__)
 
-PATCH_SIZE = 14  # every registered backbone (DINOv2, DAISY) uses 14-px patches
 # Part of every feature store's key: bump it with any change to the canvases or a backbone's code that
 # alters the tokens, so features of the older code are never taken as computed.
 FEATURES_VERSION = 1
@@ -136,6 +136,8 @@ def shard_features(
 
     Also the tokens of the mirrored canvases when ``backbone.flip``; valid marks the patches on the image.
     """
+    import torch
+
     tokens, flipped = [], []
     for start in range(0, len(images), batch_size):
         batch = zip(images[start : start + batch_size], transforms[start : start + batch_size], strict=True)
@@ -170,6 +172,8 @@ _BACKBONES_LOCK = threading.Lock()
 
 def _worker_backbone(spec: BackboneSpec, device: str) -> Backbone:
     """The backbone of ``spec`` on ``device``, loaded once per worker process and keyed by its key params."""
+    from stages.features.backbones import create_backbone
+
     options = backbone_options(spec)
     key = stable_hash(backbone_key_params(spec.model, **options, device=device))
     with _BACKBONES_LOCK:
@@ -181,10 +185,12 @@ def _worker_backbone(spec: BackboneSpec, device: str) -> Backbone:
 
 def _read_images(task: ShardTask) -> list[np.ndarray]:
     """The task's images as [H, W, 3] uint8 RGB; one StageError naming every unreadable image."""
+    import PIL.Image
+
     images, problems = [], []
     for image_id, path, transform in zip(task.image_ids, task.paths, task.transforms, strict=True):
         try:
-            with Image.open(path) as file:
+            with PIL.Image.open(path) as file:
                 image = np.array(file.convert("RGB"))  # a writable copy, as torch.from_numpy wants
         except OSError as error:  # PIL's UnidentifiedImageError is an OSError too
             problems.append(f"{image_id!r} ({path}: {error})")
@@ -203,6 +209,8 @@ def _read_images(task: ShardTask) -> list[np.ndarray]:
 @contextlib.contextmanager
 def _torch_threads(n_threads: int) -> Iterator[None]:
     """Run torch on ``n_threads`` threads, then restore: a thread-pool worker shares the driver's process."""
+    import torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(n_threads)
     try:
@@ -213,6 +221,8 @@ def _torch_threads(n_threads: int) -> Iterator[None]:
 
 def compute_shard(task: ShardTask) -> int:
     """Worker side: compute the task's rows, write them into shard ``task.shard``; return the image count."""
+    from distributed import get_worker
+
     images = _read_images(task)
     store = FeatureStore.open(task.store_path)
     with _torch_threads(get_worker().state.nthreads):
@@ -229,6 +239,8 @@ def compute_shard(task: ShardTask) -> int:
 
 
 def _cuda_available() -> bool:
+    import torch
+
     return torch.cuda.is_available()
 
 
@@ -277,16 +289,19 @@ def extract_features(
     ``shard_size`` applies to a new store only. Raises StageError naming the images of the shards that
     failed twice, after every other shard is stored.
     """
+    import distributed
+
     params = store_params(spec, device)
     path = features_path(catalog, dataset, params)
     random_weights = _warn_if_random(dataset, params)
     rows = images.select(["image_id", "path", "width", "height"]).to_pylist()
-    transforms = [CanvasTransform.fit(r["width"], r["height"], spec.image_size, PATCH_SIZE) for r in rows]
+    patch = patch_size(spec.model)
+    transforms = [CanvasTransform.fit(r["width"], r["height"], spec.image_size, patch) for r in rows]
     try:
         dim = FeatureStore.open(path).dim
     except FeatureStoreError:  # absent, or its creation was interrupted: create_or_open starts it afresh
         dim = client.submit(_backbone_dim, spec, device, pure=False).result()
-    grid = spec.image_size // PATCH_SIZE
+    grid = spec.image_size // patch
     store = FeatureStore.create_or_open(
         path,
         image_ids=[r["image_id"] for r in rows],
@@ -326,7 +341,7 @@ def extract_features(
     futures = {client.submit(compute_shard, task, retries=1, pure=False): task for task in tasks}
     failures = []
     with progress_bar(enabled=progress, total=n_images, desc=f"features {dataset}", unit="img") as bar:
-        for future in as_completed(futures):
+        for future in distributed.as_completed(futures):
             if future.status == "error":
                 failures.append((futures[future], future.exception()))
             else:
@@ -357,6 +372,14 @@ def _warn_if_random(dataset: str, params: dict[str, Any]) -> bool:
     return random_weights
 
 
+def _store_exists(path: str) -> bool:
+    try:
+        FeatureStore.open(path)
+    except FeatureStoreError:
+        return False
+    return True
+
+
 def _complete_without_a_cluster(ctx: StageContext, spec: BackboneSpec, tables: dict[str, pa.Table]) -> bool:
     """Whether a local run would find every store complete, so that no Dask cluster needs starting.
 
@@ -366,7 +389,11 @@ def _complete_without_a_cluster(ctx: StageContext, spec: BackboneSpec, tables: d
     options = ctx.options
     if options.force or options.verify or options.scheduler or ctx.catalog.cluster.address:
         return False
-    params = store_params(spec, DEVICES[0] if torch.cuda.is_available() else DEVICES[1])
+    for dataset in tables:  # nothing stored yet: no need to import torch to learn this machine's device
+        paths = {features_path(ctx.catalog, dataset, store_params(spec, device)) for device in DEVICES}
+        if not any(_store_exists(path) for path in paths):
+            return False
+    params = store_params(spec, DEVICES[0] if _cuda_available() else DEVICES[1])
     for dataset, images in tables.items():
         try:
             store = FeatureStore.open(features_path(ctx.catalog, dataset, params))
@@ -380,12 +407,27 @@ def _complete_without_a_cluster(ctx: StageContext, spec: BackboneSpec, tables: d
     return True
 
 
+def check_backbone(spec: BackboneSpec) -> None:
+    """Raise CatalogError naming the catalog backbone when its options are invalid or its weights cannot be
+    loaded (``check_weights``: seconds, no retries), so that no cluster starts for work that must fail."""
+    from stages.features.weights import check_weights  # torch and timm only for a weights file
+
+    try:
+        backbone_key_params(spec.model, **backbone_options(spec))
+        check_weights(spec.model, spec.weights)
+    except BackboneError as error:
+        raise CatalogError(f"backbones.{spec.name}: {error}") from error
+
+
 def run(ctx: StageContext) -> None:
     """Compute the missing features of every selected dataset under the chosen (or default) backbone."""
     spec = resolve_backbone(ctx.catalog, ctx.options.backbone)
     tables = {dataset: _normalized_images(ctx, dataset) for dataset in ctx.datasets}
     if _complete_without_a_cluster(ctx, spec, tables):
         return
+    check_backbone(spec)  # on the driver, before a cluster starts
+    from pipeline.cluster import dask_client  # imports dask and distributed
+
     with dask_client(ctx.catalog.cluster, ctx.options.scheduler) as client:
         device = worker_device(client)
         for dataset, images in tables.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 import subprocess
 import sys
@@ -15,11 +16,12 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from stages.features.backbone_keys import hub_source, is_dinov2
 from stages.features.backbones import (
-    BACKBONE_NAMES,
     DINOV2_MODELS,
     BackboneError,
     backbone_key_params,
+    check_weights,
     create_backbone,
 )
 from stages.features.canvas import IMAGENET_MEAN, IMAGENET_STD, CanvasTransform, image_to_canvas
@@ -112,9 +114,13 @@ def reg4_source(reg4, x56):
     return source, source(x56), normed
 
 
-def test_registry_names_are_timms_own():
-    assert set(DINOV2_MODELS) <= set(timm.list_pretrained("*dinov2*"))
-    assert len(DINOV2_MODELS) == 8 and BACKBONE_NAMES[-1] == "daisy"
+def test_dinov2_names_are_timms_own():
+    assert set(DINOV2_MODELS) == {name for name in timm.list_pretrained("*dinov2*") if is_dinov2(name)}
+    assert len(DINOV2_MODELS) == 8 and all(is_dinov2(name.split(".")[0]) for name in DINOV2_MODELS)
+    assert not is_dinov2("vit_small_patch16_224.augreg_in21k") and not is_dinov2("daisy")
+    for name in DINOV2_MODELS:  # named without importing timm, so that offline errors come at once
+        config = timm.models.get_pretrained_cfg(name)
+        assert hub_source(name) == hub_source(name.split(".")[0]) == (config.hf_hub_id, None, config.url)
 
 
 def test_random_vit_tokens_have_the_patch_grid_shape(small, reg4, x56):
@@ -305,32 +311,99 @@ def test_weights_file_with_a_wrong_key_names_the_file_and_the_key(small, tmp_pat
         create_backbone(SMALL, weights=str(garbage), image_size=56, layer="prenorm", flip=False)
 
 
-def test_hub_weights_offline_raise_an_error_that_says_how_to_use_a_local_file(monkeypatch, tmp_path):
-    # huggingface_hub reads HF_HUB_OFFLINE at import, so the attempt runs in a fresh interpreter.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache: nothing to fall back on
+def hub_attempt(env: dict[str, str], tmp_path: Path, call: str) -> subprocess.CompletedProcess:
+    """Run ``call`` (hub weights of ViT-S/14) in a fresh interpreter, with an empty Hugging Face cache and
+    ``env``: huggingface_hub reads HF_HUB_OFFLINE and HF_ENDPOINT at import."""
     script = (
-        "from stages.features.backbones import WeightsUnavailableError, create_backbone\n"
+        "from stages.features.backbones import WeightsUnavailableError, check_weights, create_backbone\n"
         "try:\n"
-        f"    create_backbone({SMALL!r}, weights='hub', image_size=56, layer='prenorm', flip=False)\n"
+        f"    {call}\n"
         "except WeightsUnavailableError as error:\n"
         "    print(error)\n"
         "else:\n"
         "    raise SystemExit('no error')\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert re.search(
-        rf"the weights of {re.escape(SMALL)} could not be downloaded .*dinov2_vits14_pretrain\.pth.*"
-        r"point this backbone's `weights:` in the catalog at the local \.pth/\.safetensors file",
-        result.stdout,
+    environ = {**os.environ, "HF_HOME": str(tmp_path / "hf"), **env}
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=REPO, env=environ
     )
+
+
+HOW_TO_USE_A_FILE = (
+    rf"the weights of {re.escape(SMALL)} could not be downloaded .*dinov2_vits14_pretrain\.pth.*"
+    r"point this backbone's `weights:` in the catalog at the local \.pth/\.safetensors file"
+)
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [
+        ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+        ({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}, "the hub cannot be reached"),
+    ],
+)
+@pytest.mark.parametrize("call", ["check_weights", "create_backbone"])
+def test_hub_weights_offline_raise_at_once_an_error_that_says_how_to_use_a_local_file(tmp_path, env, reason, call):
+    # One probe without retries when the hub is unreachable (huggingface_hub itself retries for ~50 s).
+    code = {
+        "check_weights": f"check_weights({SMALL!r}, 'hub')",
+        "create_backbone": f"create_backbone({SMALL!r}, weights='hub', image_size=56, layer='prenorm', flip=False)",
+    }[call]
+    result = hub_attempt(env, tmp_path, code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(HOW_TO_USE_A_FILE, result.stdout) and reason in result.stdout
+    assert "Retrying" not in result.stderr
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_check_weights_accepts_a_fitting_file_and_names_the_key_of_one_that_does_not(small, tmp_path, suffix):
+    good = tmp_path / f"good{suffix}"
+    state = dict(small.model.state_dict())
+    if suffix == ".pth":
+        torch.save(to_original_layout(state, depth=12), good)  # the original DINOv2 layout
+    else:
+        safetensors.torch.save_file(state, good)
+    check_weights(SMALL, str(good))
+    check_weights(SMALL_REG4, "random")
+    check_weights("daisy", "none")
+    state["blocks.3.mlp.fc1.weight"] = state["blocks.3.mlp.fc1.weight"][:10]
+    bad = tmp_path / f"bad{suffix}"
+    torch.save(state, bad) if suffix == ".pth" else safetensors.torch.save_file(state, bad)
+    with pytest.raises(BackboneError, match=re.escape(str(bad)) + r".*keys of the wrong shape: blocks\.3\.mlp\.fc1"):
+        check_weights(SMALL, str(bad))
+    with pytest.raises(BackboneError, match=r"not a state dict of vit_small_patch14_reg4.*missing keys: reg_token"):
+        check_weights(SMALL_REG4, str(good))
+    garbage = tmp_path / f"garbage{suffix}"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(BackboneError, match=re.escape(str(garbage)) + ": cannot read the weights file"):
+        check_weights(SMALL, str(garbage))
+
+
+def test_any_timm_vit_is_a_backbone_on_its_own_patch_grid_and_normalisation():
+    model = "vit_small_patch16_224.augreg_in21k"  # patch 16, trained on inputs normalised to mean = std = 0.5
+    vit = create_backbone(model, weights="random", image_size=64, layer="prenorm", flip=False, pos_embed="timm")
+    x = canvases(64)
+    tokens = vit(x)
+    assert (vit.patch_size, vit.grid_size) == (16, 4) and tokens.shape == (2, 4, 4, 384)
+    params = vit.key_params()
+    assert params["normalisation"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    assert params["pos_embed"] == "timm" and params["weights"] == "random:0"
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    with torch.inference_mode():
+        (expected,) = vit.model.forward_intermediates(
+            (x * std + mean - 0.5) / 0.5, indices=1, norm=False, output_fmt="NLC", intermediates_only=True
+        )
+    torch.testing.assert_close(tokens, expected.reshape(2, 4, 4, 384), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
     ("model", "options", "message"),
     [
-        ("vit_small_patch14_dinov2", {}, r"unknown backbone model '\w+'; valid names: .*lvd142m.*daisy"),
+        ("vit_smal_patch14_dinov2.lvd142m", {}, r"unknown backbone model .*did you mean vit_small_patch14_dinov2"),
+        ("vit_small_patch14_dinov2.in1k", {}, r"unknown backbone model 'vit_small_patch14_dinov2.in1k': neither"),
+        ("resnet18.a1_in1k", {}, r"'resnet18.a1_in1k' is a ResNet, not a ViT with square patches"),
+        ("vit_small_patch16_224.augreg_in21k", {"image_size": 64}, r"is not a DINOv2 model; set pos_embed: timm"),
+        ("vit_small_patch16_224.augreg_in21k", {"pos_embed": "timm"}, r"multiple of the patch size 16, got 56"),
         (SMALL, {"layer": "last"}, r"layer must be one of prenorm, norm; got 'last'"),
         (SMALL, {"pos_embed": "bilinear"}, r"pos_embed must be one of dinov2, timm; got 'bilinear'"),
         (SMALL, {"image_size": 100}, r"image_size must be a positive multiple of the patch size 14, got 100"),

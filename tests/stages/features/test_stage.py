@@ -15,6 +15,7 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
+from pipeline import cluster
 from pipeline.catalog import Catalog, load_catalog
 from pipeline.cli import cli
 from pipeline.cluster import dask_client
@@ -23,7 +24,7 @@ from pipeline.errors import CatalogError, StageError
 from pipeline.features_store import CorruptFeaturesError, FeatureStore, FeatureStoreError
 from stages.datasets import stage as normalize_stage
 from stages.download import stage as download_stage
-from stages.features import stage
+from stages.features import backbones, stage
 from stages.features.backbones import Backbone, backbone_key, create_backbone
 from stages.features.canvas import CanvasTransform, image_to_canvas
 
@@ -179,7 +180,7 @@ def test_a_second_run_computes_nothing_and_force_recomputes_everything(catalog, 
     store = stage.open_features(catalog, "demo", "vits")
     before, mtimes = read_all(store), shard_files(store)
     with monkeypatch.context() as patch:  # nothing to do: not even a Dask cluster is started
-        patch.setattr(stage, "dask_client", lambda *_: pytest.fail("a cluster was started for no work"))
+        patch.setattr(cluster, "dask_client", lambda *_: pytest.fail("a cluster was started for no work"))
         stage.run(context(catalog, backbone="vits"))
     assert forward_calls == [3, 3] and shard_files(store) == mtimes
     stage.run(context(catalog, backbone="vits", force=True))
@@ -293,9 +294,20 @@ def test_status_and_open_features_need_no_model(catalog, monkeypatch):
     with pytest.raises(FeatureStoreError, match=r"run `pipeline run --stage features --dataset demo --backbone daisy`"):
         stage.open_features(catalog, "demo")
     stage.run(ctx)
-    monkeypatch.setattr(stage, "create_backbone", None)  # any model load would now fail
+    monkeypatch.setattr(backbones, "create_backbone", None)  # any model load would now fail
     assert stage.open_features(catalog, "demo", "daisy").n_images == 6
     assert stage.status(ctx, "demo").complete
+
+
+def test_any_timm_vit_fills_a_store_on_its_own_patch_grid(tmp_path, demo_data):
+    vit = {"model": "vit_tiny_patch16_224.augreg_in21k", "weights": "random", "image_size": 64, "pos_embed": "timm"}
+    path = write_catalog(tmp_path, data_root=demo_data, backbones={"vitt": vit}, default_backbone="vitt")
+    catalog = load_catalog(path, environ={})
+    stage.run(context(catalog))  # a worker compares its backbone's key parameters with the store's
+    store = stage.open_features(catalog, "demo")
+    assert (store.grid, store.dim, store.n_images) == ((4, 4), 192, 6) and not store.missing_shards()
+    assert {transform["patch_size"] for transform in store.transforms} == {16}
+    assert store.backbone_params["normalisation"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 
 
 def test_worker_device_refuses_a_cluster_of_gpu_and_cpu_workers():
