@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import cli
 from stages.report import plots, tables
+from tests.catalogs import write_demo_catalog
 
 
 def invoke(catalog: Path, *args: str) -> None:
@@ -23,16 +23,7 @@ def invoke(catalog: Path, *args: str) -> None:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     """A demo run matched with nn and gwot, its report built: the catalog."""
-    folder = tmp_path_factory.mktemp("fixes")
-    catalog = folder / "catalog.yaml"
-    body = {
-        "datasets": {"demo": {"kind": "demo", "options": {"n_pairs": 3, "max_side": 96, "n_keypoints": 6}}},
-        "backbones": {"daisy": {"model": "daisy", "weights": "none", "image_size": 112}},
-        "default_backbone": "daisy",
-        "matchers": {"nn": {"method": "nn"}, "gwot": {"method": "gwot", "params": {"outer_iters": 3}}},
-        "cluster": {"n_workers": 1, "processes": False},
-    }
-    catalog.write_text(yaml.safe_dump(body))
+    catalog = write_demo_catalog(tmp_path_factory.mktemp("fixes"), n_pairs=3)
     invoke(catalog, "run")
     return catalog
 
