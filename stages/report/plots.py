@@ -146,3 +146,25 @@ def plot_pair_scatter(
     axes.set_aspect("equal")
     axes.legend(fontsize=8, loc="lower right")
     return _save(figure, path)
+
+
+def plot_sweep_heatmap(
+    table: pd.DataFrame, rows: str, columns: str, value: str, *, title: str, path: str | Path
+) -> Path:
+    """A 2-D sweep as a heatmap: ``value`` (a fraction, shown in % in each cell) of every combination of
+    parameters ``rows`` (y axis) and ``columns`` (x axis), values in sorted order; a missing combination is
+    blank. Writes the PNG at ``path`` and returns it."""
+    grid = table.pivot_table(index=rows, columns=columns, values=value, aggfunc="first").sort_index().sort_index(axis=1)
+    figure, axes = _figure(title)
+    axes.grid(False)
+    image = axes.imshow(100 * grid.to_numpy(dtype=float), cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    for (i, j), cell in np.ndenumerate(grid.to_numpy(dtype=float)):
+        if not np.isnan(cell):
+            colour = "black" if cell > 0.6 else "white"  # readable on viridis' light and dark ends
+            axes.text(j, i, f"{100 * cell:.1f}", ha="center", va="center", fontsize=9, color=colour)
+    axes.set_xticks(range(grid.shape[1]), [str(v) for v in grid.columns])
+    axes.set_yticks(range(grid.shape[0]), [str(v) for v in grid.index])
+    axes.set_xlabel(columns)
+    axes.set_ylabel(rows)
+    figure.colorbar(image, ax=axes, label=f"PCK {value.replace('_', ' ')} (%)")
+    return _save(figure, path)
