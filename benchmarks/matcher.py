@@ -136,7 +136,7 @@ def measure(method: str, grid: int, device: str, repeats: int, pot_steps: int) -
     times = times[-repeats:]
     row = {"seconds": min(times), "memory_mib": peak_memory_mib(device) - before}
     if method == "gwot":
-        row["inner_iters"] = sum(result.inner_iters)
+        row["inner_iters"] = int(result.inner_iters.sum())
     if method == "pot":
         row["seconds"] *= gwot_defaults()["outer_iters"] / pot_steps
         if pot_steps == gwot_defaults()["outer_iters"]:

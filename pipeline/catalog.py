@@ -65,6 +65,7 @@ class BackboneSpec:
     weights: str = "hub"  # hub | random | random:<seed> | none (daisy) | path to a weights file
     image_size: int = 840
     layer: Literal["prenorm", "norm"] = "prenorm"
+    pos_embed: Literal["dinov2", "timm"] = "dinov2"  # position embedding resampling: the original DINOv2's or timm's
     flip: bool = False
     dtype: Literal["float16"] = "float16"
     batch_size: int = 8
@@ -87,6 +88,8 @@ class ClusterSpec:
     n_workers: int | None = None
     threads_per_worker: int = 1
     processes: bool = True
+    connect_timeout: float = 10.0  # seconds to reach an existing scheduler
+    worker_wait: float = 30.0  # seconds to wait for an existing scheduler's first worker
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from pipeline import results
+from pipeline import damage, results
 from pipeline.catalog import DEFAULT_CATALOG, load_catalog
 from pipeline.context import RunOptions
 from pipeline.errors import PipelineError
@@ -62,7 +62,11 @@ def cli(ctx: click.Context, catalog_path: Path, verbose: int, quiet: bool) -> No
 @click.option("--dataset", "datasets", multiple=True, help="Dataset(s) from the catalog; without it, all.")
 @click.option("--force", is_flag=True, help="Recompute work that is already done.")
 @click.option("--skip-bad", is_flag=True, help="normalize: record malformed items in a report instead of stopping.")
-@click.option("--verify", is_flag=True, help="features: check every stored chunk and recompute corrupted shards.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Also read every stored feature chunk back; list every damaged record found and set aside.",
+)
 @click.option(
     "--archive",
     "archives",
@@ -145,7 +149,12 @@ def run(
         categories=categories,
         max_pairs=max_pairs,
     )
-    run_stages(catalog, stages, datasets, options)
+    with damage.collecting() as found:
+        try:
+            run_stages(catalog, stages, datasets, options)
+        finally:
+            if verify:
+                _echo_damage(found, "verify: every record read back intact")
     if "match" in (stages or STAGE_ORDER):
         click.echo((results.run_dir(catalog.stores.outputs, run_name) / "summary.md").read_text())
     if "report" in (stages or STAGE_ORDER):
@@ -162,12 +171,25 @@ def run(
 def status(ctx: click.Context, datasets: tuple[str, ...], backbone: str | None, run_name: str) -> None:
     """Show, per dataset and stage, what is done and what is missing."""
     catalog = load_catalog(ctx.obj["catalog_path"])
-    rows = status_table(catalog, datasets, RunOptions(backbone=backbone, run_name=run_name))
+    with damage.collecting(repair=False) as found:
+        rows = status_table(catalog, datasets, RunOptions(backbone=backbone, run_name=run_name))
     click.echo(f"{'dataset':<14} {'stage':<10} {'state':<9} {'done':>11}  detail")
     for dataset, stage, st in rows:
         state = "done" if st.complete else ("partial" if st.done else "missing")
         count = f"{st.done}/{st.total if st.total is not None else '?'}"
         click.echo(f"{dataset:<14} {stage:<10} {state:<9} {count:>11}  {st.detail}")
+    if found:
+        _echo_damage(found, "")
+
+
+def _echo_damage(found: list[damage.Damage], when_none: str) -> None:
+    """List damaged records, one line each (or print ``when_none``)."""
+    if found:
+        click.echo(f"damaged: {len(found)} record(s):")
+        for record in found:
+            click.echo(f"  {record.line()}")
+    elif when_none:
+        click.echo(when_none)
 
 
 @cli.command()

@@ -7,14 +7,18 @@ import importlib.util
 import logging
 import os
 from collections.abc import Iterator
+from concurrent.futures import CancelledError
 
 import dask
 from distributed import Client, LocalCluster
+from distributed.comm import CommClosedError
 
 from pipeline.catalog import ClusterSpec
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
+
+QUIET_LOGGERS = {"distributed": "warning", "distributed.worker": "critical", "distributed.client": "critical"}
 
 
 def _gpu_count() -> int:
@@ -35,25 +39,23 @@ def dask_client(spec: ClusterSpec, scheduler: str | None = None) -> Iterator[Cli
     # new task only when a thread is free (the default 1.1 queues two tasks on a one-thread worker while
     # another worker idles).
     verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
-    config = {
-        "logging.distributed": "info" if verbose else "warning",
-        "distributed.scheduler.worker-saturation": 1.0,
-    }
+    # A task that fails is reported by its stage in one line, so the worker's "Compute Failed" traceback
+    # is shown only when verbose.
+    levels = dict.fromkeys(QUIET_LOGGERS, "info") if verbose else QUIET_LOGGERS
+    config = {"logging": levels, "distributed.scheduler.worker-saturation": 1.0}
     with dask.config.set(config):
-        logging.getLogger("distributed").setLevel(logging.INFO if verbose else logging.WARNING)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level.upper())
         yield from _client(spec, scheduler)
 
 
 def _client(spec: ClusterSpec, scheduler: str | None) -> Iterator[Client]:
     address = scheduler or spec.address
     if address:
-        try:
-            client = Client(address, timeout="20s")
-        except OSError as exc:
-            raise PipelineError(f"cannot reach the Dask scheduler at {address}: {exc}") from exc
+        client = _connect(address, spec)
         log.info("using the Dask scheduler at %s (%d workers)", address, len(client.scheduler_info()["workers"]))
         with client:
-            yield client
+            yield from _guarded(client, address)
         return
     gpus = _gpu_count()
     if gpus and importlib.util.find_spec("dask_cuda") is not None:
@@ -73,4 +75,53 @@ def _client(spec: ClusterSpec, scheduler: str | None) -> Iterator[Client]:
         )
         log.info("started a LocalCluster with %d worker(s)", n_workers)
     with cluster, Client(cluster) as client:
+        yield from _guarded(client, "the local cluster")
+
+
+def _connect(address: str, spec: ClusterSpec) -> Client:
+    """A client of the scheduler at ``address`` that has a worker; a one-line PipelineError otherwise.
+
+    Gives up after ``spec.connect_timeout`` seconds when the scheduler cannot be reached and after
+    ``spec.worker_wait`` more when it has no worker.
+    """
+    for name in ("connect_timeout", "worker_wait"):
+        if not getattr(spec, name) > 0:
+            raise PipelineError(f"cluster.{name}: must be a positive number of seconds, got {getattr(spec, name)}")
+    timeout = f"{spec.connect_timeout}s"
+    try:
+        with dask.config.set({"distributed.comm.timeouts.connect": timeout}):
+            client = Client(address, timeout=timeout)
+    except ValueError as exc:
+        raise PipelineError(
+            f"--scheduler/cluster.address {address!r} is not a Dask scheduler address ({exc}); "
+            "expected e.g. tcp://10.0.0.1:8786"
+        ) from None
+    except (OSError, TimeoutError) as exc:
+        raise PipelineError(
+            f"cannot reach the Dask scheduler at {address} within {spec.connect_timeout:g} s "
+            f"(cluster.connect_timeout): {exc}"
+        ) from None
+    try:
+        client.wait_for_workers(1, timeout=spec.worker_wait)
+    except (TimeoutError, OSError):
+        client.close()
+        raise PipelineError(
+            f"the Dask scheduler at {address} has no workers after {spec.worker_wait:g} s (cluster.worker_wait); "
+            f"start some with `dask worker {address}`"
+        ) from None
+    return client
+
+
+def _guarded(client: Client, where: str) -> Iterator[Client]:
+    """Yield ``client``; a scheduler lost while the stage waits on it becomes one line saying so."""
+    try:
         yield client
+    except PipelineError:
+        raise
+    except (CancelledError, CommClosedError, OSError, TimeoutError) as exc:
+        if client.status == "running" and not isinstance(exc, CancelledError):
+            raise
+        raise PipelineError(
+            f"lost the Dask scheduler of {where} mid-run ({type(exc).__name__}); the units committed so far "
+            "are kept and the next run resumes from them"
+        ) from None

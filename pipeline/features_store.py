@@ -26,6 +26,9 @@ and a shard file stays between ~90 MB (ViT-S, 840-px canvas) and ~350 MB (ViT-g)
 from __future__ import annotations
 
 import json
+import logging
+import os
+import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,11 +38,16 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from pipeline.cache import atomic_write_bytes
+from pipeline.damage import repairing, report_damage, set_aside
 from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 DEFAULT_SHARD_SIZE = 32
 TOKEN_ARRAYS = ("tokens", "tokens_flipped")
+SETTINGS = ("grid", "dim", "backbone", "random_weights", "flipped")  # the attributes a store is made for
 
 
 class FeatureStoreError(PipelineError):
@@ -52,6 +60,9 @@ class CorruptFeaturesError(FeatureStoreError):
     def __init__(self, message: str, shard: int):
         super().__init__(message)
         self.shard = shard
+
+    def __reduce__(self):  # pickled by Dask from the worker that read the shard
+        return type(self), (str(self), self.shard)
 
 
 def _as_json(value: Any) -> Any:
@@ -71,17 +82,47 @@ class FeatureStore:
                 f"{self.path}: not a complete feature store of format {FORMAT_VERSION} (its creation may "
                 "have been interrupted); delete it or run the features stage again"
             )
-        self.image_ids: list[str] = list(attrs["image_ids"])
-        self.transforms: list[dict[str, Any]] = list(attrs["transforms"])
-        self.grid: tuple[int, int] = tuple(attrs["grid"])
-        self.dim: int = attrs["dim"]
-        self.backbone_params: dict[str, Any] = dict(attrs["backbone"])
-        self.random_weights: bool = attrs["random_weights"]
-        self.flipped: bool = attrs["flipped"]
-        self.shard_size: int = attrs["shard_size"]
+        try:
+            self.image_ids: list[str] = list(attrs["image_ids"])
+            self.transforms: list[dict[str, Any]] = list(attrs["transforms"])
+            self.grid: tuple[int, int] = tuple(attrs["grid"])
+            self.dim: int = attrs["dim"]
+            self.backbone_params: dict[str, Any] = dict(attrs["backbone"])
+            self.random_weights: bool = attrs["random_weights"]
+            self.flipped: bool = attrs["flipped"]
+            self.shard_size: int = attrs["shard_size"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise _DamagedMetadata(
+                f"{self.path}/zarr.json", f"the group's attributes are damaged ({error!r})"
+            ) from None
         self._rows = {image_id: row for row, image_id in enumerate(self.image_ids)}
         # Handles opened once: each group lookup re-reads the array's metadata.
-        self._arrays: dict[str, zarr.Array] = {name: group[name] for name in (*self._token_arrays(), "valid", "done")}
+        self._arrays: dict[str, zarr.Array] = {
+            name: self._open_array(name) for name in (*self._token_arrays(), "valid", "done")
+        }
+
+    def _open_array(self, name: str) -> zarr.Array:
+        """The array ``name``; damaged metadata is rebuilt from the group's attributes during a run."""
+        metadata = f"{self.path}/{name}/zarr.json"
+        try:
+            return self._group[name]
+        except (ValueError, KeyError, TypeError, OSError) as error:
+            problem = f"unreadable array metadata ({type(error).__name__}: {error})"
+        if not _is_local(self.path):
+            raise _DamagedMetadata(metadata, problem)
+        report_damage(metadata, problem, "rebuilds it from the group's attributes (the chunks keep their checksums)")
+        if not repairing():
+            raise FeatureStoreError(f"{metadata}: unreadable array metadata; the next run rebuilds it")
+        shape = (len(self.shards()),) if name == "done" else (self.n_images,)
+        with tempfile.TemporaryDirectory() as folder:
+            template = zarr.open_group(folder, mode="w")
+            _create_arrays(template, self._settings(), self.shard_size)
+            template[name].resize((*shape, *template[name].shape[1:]))
+            atomic_write_bytes(metadata, (Path(folder) / name / "zarr.json").read_bytes())
+        return self._group[name]
+
+    def _settings(self) -> dict[str, Any]:
+        return {name: self._group.attrs[name] for name in SETTINGS}
 
     @property
     def n_images(self) -> int:
@@ -90,12 +131,20 @@ class FeatureStore:
 
     @classmethod
     def open(cls, path: str | Path) -> FeatureStore:
-        """Open an existing store (for workers that write shards and for readers)."""
+        """Open an existing store (for workers that write shards and for readers).
+
+        A store whose group metadata is damaged is reported (and set aside during a run, so the features
+        stage computes it afresh) and raises FeatureStoreError.
+        """
         try:
-            group = zarr.open_group(str(path), mode="r+")
+            return cls(zarr.open_group(str(path), mode="r+"), path)
         except FileNotFoundError as error:
             raise FeatureStoreError(f"{path}: no feature store here; run the features stage first") from error
-        return cls(group, path)
+        except (_DamagedMetadata, ValueError, KeyError, TypeError) as error:
+            _report_damaged_store(path, error)
+            raise FeatureStoreError(
+                f"{path}: the feature store's metadata is damaged; run the features stage to compute it afresh"
+            ) from None
 
     @classmethod
     def create_or_open(
@@ -132,12 +181,10 @@ class FeatureStore:
             "flipped": flipped,
         }
         try:
-            group = zarr.open_group(str(path), mode="r+")
-        except FileNotFoundError:
-            group = None
-        if group is None or group.attrs.get("format_version") is None:
-            group = _create(path, settings, shard_size)
-        store = cls(group, path)
+            store = cls.open(path)
+        except FeatureStoreError:  # absent, interrupted while created, or damaged (and now set aside)
+            store = cls(_create(path, settings, shard_size), path)
+        store._remove_partials("zarr.json", "*/zarr.json")  # the driver alone writes metadata
         store._check_settings(settings)
         store._append(list(image_ids), [_as_json(dict(t)) for t in transforms])
         return store
@@ -196,8 +243,47 @@ class FeatureStore:
         After images were appended only the new rows are listed; after ``verify`` found a shard corrupt,
         all of its rows.
         """
-        done = self._arrays["done"][:]
+        done = self._done()
         return [(index, rows[done[index] :]) for index, rows in self.shards() if done[index] < len(rows)]
+
+    def _done(self) -> np.ndarray:
+        """Committed rows per shard; a count that fails its checksum is reported and read as 0 (reset to 0
+        during a run), so its shard is computed again."""
+        array = self._arrays["done"]
+        try:
+            return array[:]
+        except ValueError:
+            pass
+        done = np.zeros(array.shape, dtype=array.dtype)
+        for index in range(array.shape[0]):
+            try:
+                done[index] = array[index]
+            except ValueError as error:
+                self._report_shard(index, ("done",), f"its done count fails its checksum ({error})")
+                if repairing():
+                    array[index] = 0
+        return done
+
+    def _report_shard(self, shard: int, names: Sequence[str], problem: str) -> None:
+        """Report shard ``shard`` as damaged and, during a run of a local store, set its files of the
+        arrays ``names`` aside (a damaged shard index would otherwise fail every later write)."""
+        files = [f"{self.path}/{name}/{self._chunk_key(name, shard)}" for name in names]
+        redo = f"recomputes shard {shard} (images {self.image_ids[shard * self.shard_size]!r}...)"
+        local = _is_local(self.path)
+        for file in files:
+            if not local or os.path.lexists(file):
+                report_damage(file, problem, redo, move=local)
+
+    def _remove_partials(self, *patterns: str) -> None:
+        """Remove the temporaries (``<file>.<uuid>.partial``) that a killed writer of the files matching
+        ``patterns`` left in a local store."""
+        if _is_local(self.path):
+            for pattern in patterns:
+                for partial in Path(self.path).glob(f"{Path(pattern).with_suffix('')}.*.partial"):
+                    partial.unlink(missing_ok=True)
+
+    def _chunk_key(self, name: str, shard: int) -> str:
+        return self._arrays[name].metadata.encode_chunk_key((shard,) + (0,) * (self._arrays[name].ndim - 1))
 
     def write_shard(
         self,
@@ -218,7 +304,7 @@ class FeatureStore:
             raise FeatureStoreError(f"{self.path}: no shard {shard_index} (the store has {len(shards)})")
         shard_rows = shards[shard_index][1]
         rows = shard_rows[len(shard_rows) - len(tokens) :]
-        done = int(self._arrays["done"][shard_index])
+        done = int(self._done()[shard_index])
         if not 0 < len(tokens) <= len(shard_rows) or rows.start > shard_rows.start + done:
             raise FeatureStoreError(
                 f"{self.path}: shard {shard_index} has rows {shard_rows.start}-{shard_rows.stop - 1}, "
@@ -230,11 +316,17 @@ class FeatureStore:
                 f"{self.path}: the store is {'' if self.flipped else 'not '}flipped, so tokens_flipped must "
                 f"{'' if self.flipped else 'not '}be given"
             )
+        names = (*self._token_arrays(), "valid", "done")
+        self._remove_partials(*(f"{name}/{self._chunk_key(name, shard_index)}" for name in names))
         arrays = {"tokens": tokens, "tokens_flipped": tokens_flipped}
         data = {name: self._checked_tokens(arrays[name], name, rows) for name in self._token_arrays()}
         data["valid"] = self._checked(np.asarray(valid), "valid", (len(rows), *self.grid)).astype(bool)
         for name, values in data.items():
-            self._arrays[name][rows.start : rows.stop] = values
+            try:
+                self._arrays[name][rows.start : rows.stop] = values
+            except ValueError as error:  # the shard file's index is damaged: set it aside, write afresh
+                self._report_shard(shard_index, (name,), f"its shard file fails its checksum ({error})")
+                self._arrays[name][rows.start : rows.stop] = values
         self._arrays["done"][shard_index] = len(shard_rows)  # the commit: after the data are in place
 
     def _checked(self, values: np.ndarray, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -292,7 +384,7 @@ class FeatureStore:
     def _require_done(self, rows: list[int]) -> None:
         shard_of = {row: row // self.shard_size for row in rows}
         shards = sorted(set(shard_of.values()))
-        done = dict(zip(shards, self._arrays["done"].get_orthogonal_selection((shards,)), strict=True))
+        done = dict(zip(shards, self._done()[shards], strict=True))
         pending = [row for row in rows if row - shard_of[row] * self.shard_size >= done[shard_of[row]]]
         if pending:
             names = [self.image_ids[row] for row in pending[:5]]
@@ -320,7 +412,7 @@ class FeatureStore:
 
         Returns the corrupt shards' indices; the next features run recomputes them.
         """
-        done = self._arrays["done"][:]
+        done = self._done()
         corrupt = []
         for index, rows in self.shards():
             committed = slice(rows.start, rows.start + int(done[index]))
@@ -333,7 +425,10 @@ class FeatureStore:
             except ValueError:
                 intact = False
             if not intact:
-                self._arrays["done"][index] = 0
+                names = (*self._token_arrays(), "valid")
+                self._report_shard(index, names, "its features fail their checksum or were never written")
+                if repairing():
+                    self._arrays["done"][index] = 0
                 corrupt.append(index)
         return corrupt
 
@@ -341,6 +436,21 @@ class FeatureStore:
 def _create(path: str | Path, settings: Mapping[str, Any], shard_size: int) -> zarr.Group:
     """A new, empty store; ``format_version`` is written last, marking it complete."""
     group = zarr.open_group(str(path), mode="w")
+    _create_arrays(group, settings, shard_size)
+    group.attrs.update(
+        {
+            **settings,
+            "image_ids": [],
+            "transforms": [],
+            "shard_size": shard_size,
+            "format_version": FORMAT_VERSION,
+        }
+    )
+    return group
+
+
+def _create_arrays(group: zarr.Group, settings: Mapping[str, Any], shard_size: int) -> None:
+    """The store's empty arrays (no rows yet) for ``settings``."""
     grid = tuple(settings["grid"])
     image_arrays = {"tokens": ((*grid, settings["dim"]), "float16", np.nan), "valid": (grid, "bool", False)}
     if settings["flipped"]:
@@ -360,13 +470,25 @@ def _create(path: str | Path, settings: Mapping[str, Any], shard_size: int) -> z
         "done", shape=(0,), chunks=(1,), dtype="int32", fill_value=0, compressors=[Crc32cCodec()],
         dimension_names=("shard",),
     )  # fmt: skip
-    group.attrs.update(
-        {
-            **settings,
-            "image_ids": [],
-            "transforms": [],
-            "shard_size": shard_size,
-            "format_version": FORMAT_VERSION,
-        }
-    )
-    return group
+
+
+class _DamagedMetadata(Exception):
+    """A store's metadata file cannot be read or lacks a required attribute."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(problem)
+        self.path = path
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def _report_damaged_store(path: str | Path, error: Exception) -> None:
+    """Report a store whose group metadata is unreadable; during a run set the whole store aside."""
+    problem = str(error) if isinstance(error, _DamagedMetadata) else f"{type(error).__name__}: {error}"
+    where = error.path if isinstance(error, _DamagedMetadata) else f"{path}/zarr.json"
+    local = _is_local(str(path))
+    report_damage(where, f"unreadable feature store metadata ({problem})", "computes the store afresh", move=False)
+    if local and repairing() and Path(path).exists():
+        log.warning("damaged feature store %s moved to %s", path, set_aside(path))

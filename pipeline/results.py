@@ -27,6 +27,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.cache import atomic_path, atomic_write_bytes
+from pipeline.damage import report_damage
 
 PARTITIONS = pa.schema([pa.field("dataset", pa.string()), pa.field("matcher", pa.string())])
 PROVENANCE_KEY = "provenance"  # the Parquet metadata key of a part's provenance record
@@ -142,7 +143,7 @@ def write_part(
     if provenance is not None:
         table = table.replace_schema_metadata({PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)})
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, write_page_checksum=True)
 
 
 def read_provenance(path: str | Path) -> dict[str, Any] | None:
@@ -156,13 +157,47 @@ def read_results(run_folder: str | Path, table: str = "pairs") -> pd.DataFrame:
 
     Unlike a bare ``pd.read_parquet`` it fixes the partition columns as strings (a key of digits only
     would otherwise be read as a number) and returns an empty frame of the right columns before any part.
+    A part that does not read back is reported and left out (set aside during a run: its batch is
+    recomputed by the next match run).
     """
     folder = Path(run_folder) / table
-    schema = TABLES[table]
-    if not any(folder.glob("dataset=*/matcher=*/part-*.parquet")):
-        return pa.schema([*schema, *PARTITIONS]).empty_table().to_pandas()
+    schema = pa.schema([*TABLES[table], *PARTITIONS])
+    parts = [str(p) for p in sorted(folder.glob("dataset=*/matcher=*/part-*.parquet")) if read_part(p, table)]
+    if not parts:
+        return schema.empty_table().to_pandas()
     partitioning = ds.partitioning(PARTITIONS, flavor="hive")
-    return pq.read_table(folder, schema=pa.schema([*schema, *PARTITIONS]), partitioning=partitioning).to_pandas()
+    found = ds.dataset(
+        parts, schema=schema, format="parquet", partitioning=partitioning, partition_base_dir=str(folder)
+    )
+    return found.to_table().to_pandas()
+
+
+def read_part(path: str | Path, table: str) -> pa.Table | None:
+    """One part file of ``table`` read whole, or None when it is absent or damaged (reported; set aside
+    during a run, so that its batch counts as not done)."""
+    try:
+        return pq.read_table(path, schema=TABLES[table], page_checksum_verification=True)
+    except FileNotFoundError:
+        return None
+    except (pa.ArrowException, OSError) as error:
+        report_damage(path, f"unreadable Parquet part ({type(error).__name__}: {error})", "recomputes its batch")
+        return None
+
+
+def batch_intact(run_folder: str | Path, dataset: str, matcher_key: str, batch: int, n_pairs: int) -> bool:
+    """Whether both parts of a committed batch read back, its pairs part with ``n_pairs`` rows; a missing
+    or damaged part is reported, so the batch is recomputed."""
+    for table in TABLES:
+        path = part_path(run_folder, table, dataset, matcher_key, batch)
+        part = read_part(path, table)
+        if part is None and not path.exists():
+            report_damage(path, "the committed part is missing", "recomputes its batch")
+        if part is None:
+            return False
+        if table == "pairs" and part.num_rows != n_pairs:
+            report_damage(path, f"the part holds {part.num_rows} pairs, not {n_pairs}", "recomputes its batch")
+            return False
+    return True
 
 
 def pck_long(pairs: pd.DataFrame) -> pd.DataFrame:
@@ -290,11 +325,18 @@ def write_summary(run_folder: str | Path) -> pd.DataFrame:
 
 
 def read_run_config(run_folder: str | Path) -> dict[str, Any]:
-    """The run's ``config.json`` ({} before the first invocation)."""
+    """The run's ``config.json`` ({} before the first invocation, or when it is damaged: reported)."""
+    path = Path(run_folder) / "config.json"
     try:
-        return json.loads((Path(run_folder) / "config.json").read_text())
+        config = json.loads(path.read_bytes())
     except FileNotFoundError:
         return {}
+    except (ValueError, OSError) as error:
+        config = f"{type(error).__name__}: {error}"
+    if isinstance(config, dict):
+        return config
+    report_damage(path, f"unreadable run config ({config})", "records the settings of its invocation afresh")
+    return {}
 
 
 def _merge(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:

@@ -6,8 +6,10 @@ import importlib
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict
 from types import ModuleType
 
+from pipeline.cache import check_store_root, sweep_temporaries
 from pipeline.catalog import Catalog
 from pipeline.context import RunOptions, StageContext, StageStatus
 from pipeline.errors import CatalogError
@@ -44,6 +46,10 @@ def run_stages(catalog: Catalog, stages: Sequence[str], datasets: Sequence[str],
     """Run ``stages`` (all, when empty) in pipeline order over ``datasets`` (all, when empty)."""
     selected = [s for s in STAGE_ORDER if s in set(stages)] if stages else list(STAGE_ORDER)
     ctx = StageContext(catalog=catalog, datasets=select_datasets(catalog, datasets), options=options)
+    for root, path in asdict(catalog.stores).items():
+        check_store_root(path, f"stores.{root}")
+        for removed in sweep_temporaries(path):
+            log.info("removed %s, left unfinished by a run that stopped", removed)
     for name in selected:
         start = time.perf_counter()
         log.info("stage %s: %s", name, ", ".join(ctx.datasets))

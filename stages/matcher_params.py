@@ -10,6 +10,7 @@ them to it) and a few more (non-negative tolerances).
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -22,11 +23,17 @@ if TYPE_CHECKING:  # the catalog imports this module to check its matchers
     from pipeline.catalog import Catalog, MatcherSpec
 
 Rule = tuple[Callable[[Any], bool], str]  # (accepts the value, what the value must be)
-POSITIVE: Rule = (lambda value: value > 0, "must be > 0")
-NON_NEGATIVE: Rule = (lambda value: value >= 0, "must be >= 0")
+MIN_EPS = 1e-4  # GWOT's smallest entropic regularisation, in units of the feature cost (range [0, 2])
+POSITIVE: Rule = (lambda value: 0 < value < math.inf, "must be a finite number > 0")
+NON_NEGATIVE: Rule = (lambda value: 0 <= value < math.inf, "must be a finite number >= 0")
 AT_LEAST_ONE: Rule = (lambda value: value >= 1, "must be >= 1")
 POSITIVE_ODD: Rule = (lambda value: value >= 1 and value % 2 == 1, "must be a positive odd number")
 PATCH_WINDOW: Rule = (POSITIVE_ODD[0], "must be a positive odd number of patches")
+ENTROPY: Rule = (
+    lambda value: MIN_EPS <= value < math.inf,
+    f"must be a finite number >= {MIN_EPS:g} (the feature cost spans [0, 2]; a smaller eps underflows the "
+    "float32 solve)",
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,7 @@ class GWOTParams:
     eps: float = 0.02
     w_s: float = 0.1
     k: int = 5
+    k_trg: int | None = None
     w_y: float = 0.1
     rho: float = 1.0
     outer_iters: int = 10
@@ -57,11 +65,12 @@ class GWOTParams:
     window: int = 3
 
     DOMAIN: ClassVar[dict[str, Rule]] = {
-        "eps": POSITIVE,
+        "eps": ENTROPY,
         "w_s": NON_NEGATIVE,
         "k": (POSITIVE_ODD[0], "must be a positive odd neighbourhood size"),
+        "k_trg": (POSITIVE_ODD[0], "must be a positive odd neighbourhood size (none: k)"),
         "w_y": NON_NEGATIVE,
-        "rho": (POSITIVE[0], "must be > 0 (inf: hard marginals)"),
+        "rho": (lambda value: value > 0, "must be > 0 (inf: hard marginals)"),
         "outer_iters": AT_LEAST_ONE,
         "inner_iters": AT_LEAST_ONE,
         "outer_tol": NON_NEGATIVE,
@@ -86,7 +95,7 @@ def format_value(value: Any) -> str:
 
 
 def domain_problem(cls: type[NNParams] | type[GWOTParams], key: str, value: Any) -> str | None:
-    """What is wrong with ``value`` for parameter ``key`` (``"must be > 0, got -1.0"``), or None.
+    """What is wrong with ``value`` for parameter ``key`` (``"must be a finite number > 0, got -1.0"``), or None.
 
     None passes (only an optional field, typed ``X | None``, can hold it). Every field has a rule (a test
     holds the classes to it).

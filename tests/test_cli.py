@@ -210,13 +210,17 @@ matchers: {nn: {method: nn}, gwot: {method: gwot, params: {outer_iters: 3, inner
 @pytest.mark.parametrize(
     ("matchers", "args", "message"),
     [
-        ("gwot: {method: gwot}", ["--set", "gwot.eps=0.05,-1"], "error: --set gwot.eps=0.05,-1: gwot.eps must be > 0"),
+        (
+            "gwot: {method: gwot}",
+            ["--set", "gwot.eps=0.05,-1"],
+            "error: --set gwot.eps=0.05,-1: gwot.eps must be a finite number >= 0.0001",
+        ),
         ("gwot: {method: gwot}", ["--set", "gwot.epz=1"], "error: --set gwot.epz=1: unknown key 'epz'"),
         ("gwot: {method: gwot}", ["--matcher", "nn"], "error: unknown matcher 'nn'; the catalog defines: gwot"),
         (
             "sharp: {method: nn, params: {temperature: -0.5}}",
             [],
-            "catalog.yaml: matchers.sharp.params.temperature: must be > 0, got -0.5",
+            "catalog.yaml: matchers.sharp.params.temperature: must be a finite number > 0, got -0.5",
         ),
     ],
 )

@@ -267,6 +267,11 @@ def _categories(rows: list[_Row], bad: BadItems) -> tuple[list[_Row], dict[str, 
     return kept, category
 
 
+def pair_list(raw_dir: Path, spec: DatasetSpec, split: str) -> Path:
+    """The csv that lists the pairs of ``split``."""
+    return Path(raw_dir) / SPLIT_FILES[split]
+
+
 def normalize(raw_dir: Path, spec: DatasetSpec, bad: BadItems) -> tuple[pa.Table, pa.Table]:
     """Normalise the PF-PASCAL pair lists of ``spec.splits`` (test, val, all) into ``(images, pairs)``.
 
@@ -282,7 +287,7 @@ def normalize(raw_dir: Path, spec: DatasetSpec, bad: BadItems) -> tuple[pa.Table
     rows: list[_Row] = []
     paths: dict[str, PurePosixPath] = {}
     for split in dict.fromkeys(spec.splits):
-        csv_path = raw_dir / SPLIT_FILES[split]
+        csv_path = pair_list(raw_dir, spec, split)
         split_rows, split_paths = _read_csv(csv_path, split, bad)
         for voc_id, path in split_paths.items():
             if paths.setdefault(voc_id, path) != path:

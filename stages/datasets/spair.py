@@ -255,6 +255,12 @@ def _pair_row(pair: _Pair, images: dict[str, dict]) -> dict:
     }
 
 
+def pair_list(raw_dir: Path, spec: DatasetSpec, split: str) -> Path:
+    """The layout file that lists the pairs of ``split``."""
+    layout = from_mapping(Options, spec.options, f"datasets.{spec.name}.options").layout
+    return Path(raw_dir) / ROOT / "Layout" / layout / f"{split}.txt"
+
+
 def normalize(raw_dir: Path, spec: DatasetSpec, bad: BadItems) -> tuple[pa.Table, pa.Table]:
     """Normalise SPair-71k's ``spec.splits`` of layout ``spec.options.layout`` into ``(images, pairs)``.
 

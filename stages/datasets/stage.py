@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 
 from pipeline.cache import Ledger, atomic_path
 from pipeline.context import StageContext, StageStatus
-from pipeline.errors import StageError
+from pipeline.damage import repairing, report_damage
+from pipeline.errors import DataError, StageError
 from stages.datasets import dataset_module
 from stages.datasets.common import BadItems
 from stages.datasets.schema import BAD_ITEMS_SCHEMA, IMAGES_SCHEMA, PAIRS_SCHEMA
@@ -20,14 +21,18 @@ log = logging.getLogger(__name__)
 
 UNIT = "normalized"
 TABLES = ("images.parquet", "pairs.parquet", "bad_items.parquet")
+RECORD_KEYS = ("images", "pairs", "bad_items")  # the ledger's row count of each table
 
 
 def run(ctx: StageContext) -> None:
-    """Normalise every selected dataset whose tables are missing (all of them with ``--force``)."""
+    """Normalise every selected dataset whose tables are missing or damaged (all of them with ``--force``).
+
+    ``--force`` keeps the old tables and their marker until the new parse succeeded.
+    """
     for name in ctx.datasets:
         out_dir = ctx.catalog.normalized_dir(name)
         ledger = Ledger(out_dir / ".done")
-        if ledger.is_done(UNIT) and not ctx.options.force:
+        if _committed(ledger, out_dir, name) and not ctx.options.force:
             log.info("normalize %s: already done", name)
             continue
         spec = ctx.catalog.dataset(name)
@@ -38,16 +43,17 @@ def run(ctx: StageContext) -> None:
             raise StageError(
                 f"dataset {name!r} is not downloaded yet; run `pipeline run --stage download --dataset {name}`"
             )
-        ledger.clear(UNIT)
         images, pairs, bad = normalize_dataset(ctx, name)
         _check_references(name, images, pairs)
+        _check_splits(ctx, name, pairs)
+        ledger.clear(UNIT)  # the new tables replace the old ones: only now are the old ones given up
         for table, filename, schema in (
             (images, TABLES[0], IMAGES_SCHEMA),
             (pairs, TABLES[1], PAIRS_SCHEMA),
             (pa.Table.from_pylist(bad.rows(), schema=BAD_ITEMS_SCHEMA), TABLES[2], BAD_ITEMS_SCHEMA),
         ):
             with atomic_path(out_dir / filename) as tmp:
-                pq.write_table(table.cast(schema), tmp)
+                pq.write_table(table.cast(schema), tmp, write_page_checksum=True)
         ledger.mark_done(UNIT, {"images": images.num_rows, "pairs": pairs.num_rows, "bad_items": len(bad.items)})
         if bad.items:
             log.warning(
@@ -57,6 +63,50 @@ def run(ctx: StageContext) -> None:
                 out_dir / TABLES[2],
             )
         log.info("normalize %s: %d images, %d pairs", name, images.num_rows, pairs.num_rows)
+
+
+def _check_splits(ctx: StageContext, name: str, pairs: pa.Table) -> None:
+    """A selected split without pairs is an error naming its pair list (with ``--skip-bad``: a warning)."""
+    spec = ctx.catalog.dataset(name)
+    module = dataset_module(spec.kind)
+    found = set(pairs.column("split").to_pylist())
+    for split in dict.fromkeys(spec.splits):
+        if split in found:
+            continue
+        raw = ctx.catalog.raw_dir(name)
+        source = module.pair_list(raw, spec, split) if hasattr(module, "pair_list") else raw
+        problem = f"split {split!r} of dataset {name!r} has no pairs after normalisation"
+        if not ctx.options.skip_bad:
+            raise DataError(source, f"{problem}; check the file, or pass --skip-bad to keep an empty split")
+        log.warning("%s: %s; the match stage will refuse to score it", source, problem)
+
+
+def _committed(ledger: Ledger, out_dir: Path, name: str) -> bool:
+    """Whether the dataset's tables are committed and read back intact with the row counts recorded.
+
+    A damaged table is reported; during a run it is set aside and the marker dropped, so the dataset is
+    normalised again.
+    """
+    record = ledger.record(UNIT, RECORD_KEYS)
+    if record is None:
+        return False
+    for filename, key in zip(TABLES, RECORD_KEYS, strict=True):
+        path = out_dir / filename
+        try:
+            rows = pq.read_table(path, page_checksum_verification=True).num_rows
+        except FileNotFoundError:
+            problem = "the table is missing"
+        except (pa.ArrowException, OSError) as error:
+            problem = f"unreadable Parquet table ({type(error).__name__}: {error})"
+        else:
+            if rows == record[key]:
+                continue
+            problem = f"the table holds {rows} rows, the ledger recorded {record[key]}"
+        report_damage(path, problem, f"normalises dataset {name!r} again")
+        if repairing():
+            ledger.clear(UNIT)
+        return False
+    return True
 
 
 def normalize_dataset(ctx: StageContext, name: str) -> tuple[pa.Table, pa.Table, BadItems]:
@@ -85,9 +135,10 @@ def _check_references(name: str, images: pa.Table, pairs: pa.Table) -> None:
 def status(ctx: StageContext, dataset: str) -> StageStatus:
     """Done when both tables are committed."""
     out_dir = ctx.catalog.normalized_dir(dataset)
-    record = Ledger(out_dir / ".done").record(UNIT)
-    if record is None:
+    ledger = Ledger(out_dir / ".done")
+    if not _committed(ledger, out_dir, dataset):
         return StageStatus(0, 1)
+    record = ledger.record(UNIT, RECORD_KEYS)
     return StageStatus(1, 1, f"{record['images']} images, {record['pairs']} pairs, {record['bad_items']} bad")
 
 

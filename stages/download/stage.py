@@ -161,8 +161,9 @@ def _download_dataset(spec: DatasetSpec, raw: Path, options: RunOptions) -> None
         if fetch_name in done and use_name in done:
             log.info("download %s: %s already done", spec.name, source.filename)
             continue
-        if fetch_name in done and archive.is_file():
-            sha256 = ledger.record(fetch_name)["sha256"]
+        fetched = ledger.record(fetch_name, ("sha256",)) if fetch_name in done and archive.is_file() else None
+        if fetched is not None:
+            sha256 = fetched["sha256"]
         else:
             sha256, origin = _obtain(source, archive, given.get(source.filename), options)
             size = archive.stat().st_size

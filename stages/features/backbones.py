@@ -17,17 +17,22 @@ Weights of a DINOv2 backbone (``weights``):
   the class position ``pos_embed[:, 0]`` into ``cls_token`` and keeps ``pos_embed[:, 1:]``; every other
   key (``blocks.N.attn.qkv.weight``, ``blocks.N.ls1.gamma``, ``patch_embed.proj.weight``...) is shared.
 
-The model is built for the canvas size (``img_size=S``): the position embedding is resampled once, at
-load time, with timm's bicubic interpolation from the checkpoint's grid (37 x 37 for DINOv2) to S / 14.
-Hub and file weights are loaded into a model built on the meta device, skipping a random initialisation
-that would take minutes for ViT-g on a CPU. On CUDA the forward pass runs under bfloat16 autocast (half
-the memory, tensor cores); on every other device in float32. The compute dtype is a key parameter.
+The position embedding is resampled once, when the backbone is built for its canvas size, from the
+checkpoint's grid (37 x 37 for DINOv2) to S / 14 patches per side. ``pos_embed="dinov2"`` (the default)
+does it exactly as the original DINOv2 code's ``interpolate_pos_encoding`` does, so that the tokens equal
+those of SD+DINO, GeoAware-SC and every published zero-shot number (``dinov2_pos_embed``);
+``pos_embed="timm"`` keeps timm's own resampling (bicubic to the target size, antialiased), which differs
+from the original for the plain models. Hub and file weights are loaded into a model built on the meta
+device, skipping a random initialisation that would take minutes for ViT-g on a CPU. On CUDA the forward
+pass runs under bfloat16 autocast (half the memory, tensor cores); on every other device in float32. The
+compute dtype is a key parameter.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -50,6 +55,7 @@ DINOV2_MODELS = tuple(
     for size in ("small", "base", "large", "giant")
 )
 LAYERS = ("prenorm", "norm")
+POS_EMBED_MODES = ("dinov2", "timm")  # how the position embedding is resampled to the canvas
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 # ITU-R 601 luma weights, as skimage.color.rgb2gray.
 GREY_WEIGHTS = (0.2125, 0.7154, 0.0721)
@@ -76,10 +82,18 @@ class Backbone(ABC):
     dim: int
 
     def __init__(
-        self, model: str, *, weights: str, image_size: int, layer: str, flip: bool, device: str | torch.device
+        self,
+        model: str,
+        *,
+        weights: str,
+        image_size: int,
+        layer: str,
+        flip: bool,
+        device: str | torch.device,
+        pos_embed: str = "dinov2",
     ):
         self._params = self.describe(
-            model, weights=weights, image_size=image_size, layer=layer, flip=flip, device=device
+            model, weights=weights, image_size=image_size, layer=layer, flip=flip, device=device, pos_embed=pos_embed
         )
         self.image_size = image_size
         self.flip = flip
@@ -89,7 +103,14 @@ class Backbone(ABC):
     @staticmethod
     @abstractmethod
     def describe(
-        model: str, *, weights: str, image_size: int, layer: str, flip: bool, device: str | torch.device
+        model: str,
+        *,
+        weights: str,
+        image_size: int,
+        layer: str,
+        flip: bool,
+        device: str | torch.device,
+        pos_embed: str = "dinov2",
     ) -> dict[str, Any]:
         """Validate the options and return the key parameters, without loading anything."""
 
@@ -163,11 +184,13 @@ def _weights_identity(weights: str) -> str:
     return "sha256:" + _file_sha256(path, stat.st_size, stat.st_mtime_ns)
 
 
-def _check_options(image_size: int, patch_size: int, layer: str) -> None:
+def _check_options(image_size: int, patch_size: int, layer: str, pos_embed: str) -> None:
     if image_size <= 0 or image_size % patch_size:
         raise BackboneError(f"image_size must be a positive multiple of the patch size {patch_size}, got {image_size}")
     if layer not in LAYERS:
         raise BackboneError(f"layer must be one of {', '.join(LAYERS)}; got {layer!r}")
+    if pos_embed not in POS_EMBED_MODES:
+        raise BackboneError(f"pos_embed must be one of {', '.join(POS_EMBED_MODES)}; got {pos_embed!r}")
 
 
 def _compute_dtype(device: str | torch.device) -> torch.dtype:
@@ -181,22 +204,40 @@ class DinoV2(Backbone):
     patch_size = 14
 
     def __init__(
-        self, model: str, *, weights: str, image_size: int, layer: str, flip: bool, device: str | torch.device
+        self,
+        model: str,
+        *,
+        weights: str,
+        image_size: int,
+        layer: str,
+        flip: bool,
+        device: str | torch.device,
+        pos_embed: str = "dinov2",
     ):
-        super().__init__(model, weights=weights, image_size=image_size, layer=layer, flip=flip, device=device)
+        super().__init__(
+            model, weights=weights, image_size=image_size, layer=layer, flip=flip, device=device, pos_embed=pos_embed
+        )
         self.layer = layer
         # float(): a half-precision weights file still runs in float32 (autocast decides the compute dtype)
-        network = self._build(model, weights, image_size).float()
+        network = self._build(model, weights).float()
+        _set_canvas_size(network, image_size, pos_embed)
         self.model = network.to(self.device).eval().requires_grad_(False)
         self.dim = self.model.embed_dim
         self._dtype = _compute_dtype(device)
 
     @staticmethod
     def describe(
-        model: str, *, weights: str, image_size: int, layer: str, flip: bool, device: str | torch.device
+        model: str,
+        *,
+        weights: str,
+        image_size: int,
+        layer: str,
+        flip: bool,
+        device: str | torch.device,
+        pos_embed: str = "dinov2",
     ) -> dict[str, Any]:
         """Validate the options and return the key parameters, without loading anything."""
-        _check_options(image_size, DinoV2.patch_size, layer)
+        _check_options(image_size, DinoV2.patch_size, layer, pos_embed)
         identity = _weights_identity(weights)
         if identity == "hub":
             identity = "hub:" + model.split(".", 1)[1]
@@ -205,25 +246,30 @@ class DinoV2(Backbone):
             "weights": identity,
             "image_size": image_size,
             "layer": layer,
+            "pos_embed": pos_embed,
             "normalisation": "imagenet",
             "compute_dtype": str(_compute_dtype(device)).removeprefix("torch."),
             "flip": flip,
         }
 
-    def _build(self, model: str, weights: str, image_size: int) -> torch.nn.Module:
-        options = {"img_size": image_size, "num_classes": 0}
+    def _build(self, model: str, weights: str) -> torch.nn.Module:
+        """The network at its weights' own grid (timm's default size for random weights), not yet resampled."""
         if self.random_weights:
             with torch.random.fork_rng(devices=[]):  # a fixed init that leaves the caller's RNG alone
                 torch.manual_seed(int(self._params["weights"].removeprefix("random:")))
-                return timm.create_model(model, pretrained=False, **options)
-        with torch.device("meta"):  # no wasted random init: every tensor comes from the checkpoint
-            network = timm.create_model(model, pretrained=False, **options)
+                return timm.create_model(model, pretrained=False, num_classes=0)
         if weights == "hub":
             repo = timm.models.get_pretrained_cfg(model).hf_hub_id
-            _load_state_dict(network, _download_hub_state_dict(model, repo), source=f"hub:{repo}", model=model)
+            state, source = _download_hub_state_dict(model, repo), f"hub:{repo}"
         else:
             path = Path(weights).expanduser()
-            _load_state_dict(network, _read_weights_file(path), source=str(path), model=model)
+            state, source = _read_weights_file(path), str(path)
+        # Built at the checkpoint's grid, so that loading resamples nothing: _set_canvas_size does it once.
+        grid = _checkpoint_grid(state)
+        size = {} if grid is None else {"img_size": grid * self.patch_size}
+        with torch.device("meta"):  # no wasted random init: every tensor comes from the checkpoint
+            network = timm.create_model(model, pretrained=False, num_classes=0, **size)
+        _load_state_dict(network, state, source=source, model=model)
         return network
 
     def _tokens(self, canvases: torch.Tensor) -> torch.Tensor:
@@ -232,6 +278,55 @@ class DinoV2(Backbone):
                 canvases, indices=1, norm=self.layer == "norm", output_fmt="NLC", intermediates_only=True
             )
         return tokens.float().reshape(len(canvases), self.grid_size, self.grid_size, self.dim)
+
+
+def _checkpoint_grid(state: dict[str, torch.Tensor]) -> int | None:
+    """M for a state dict whose ``pos_embed`` covers an M x M patch grid (with or without a class position);
+    None when it has no usable ``pos_embed`` (loading then names the problem)."""
+    pos_embed = state.get("pos_embed")
+    if not isinstance(pos_embed, torch.Tensor) or pos_embed.ndim != 3:
+        return None
+    for n_patches in (pos_embed.shape[1], pos_embed.shape[1] - 1):  # n and n + 1 are never both squares
+        side = math.isqrt(max(n_patches, 0))
+        if side and side * side == n_patches:
+            return side
+    return None
+
+
+def dinov2_pos_embed(patch_pos_embed: torch.Tensor, grid: int, *, registers: bool) -> torch.Tensor:
+    """The patch position embedding [1, M * M, C] resampled to a ``grid`` x ``grid`` canvas as the original
+    DINOv2 code (``DinoVisionTransformer.interpolate_pos_encoding``) does it: [1, grid * grid, C].
+
+    Plain models (hub ``dinov2_vit*14``: ``interpolate_offset=0.1``, ``interpolate_antialias=False``):
+    bicubic by ``scale_factor = (grid + 0.1) / M``, no antialiasing. Register models (``dinov2_vit*14_reg``:
+    offset 0, antialias True): bicubic to the size ``grid``, antialiased. ``grid == M`` returns the
+    embedding unchanged (the original skips the interpolation there). Interpolates in float32.
+    """
+    side = math.isqrt(patch_pos_embed.shape[1])
+    if grid == side:
+        return patch_pos_embed
+    dim = patch_pos_embed.shape[-1]
+    square = patch_pos_embed.float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    if registers:
+        resampled = torch.nn.functional.interpolate(square, size=(grid, grid), mode="bicubic", antialias=True)
+    else:
+        scale = (grid + 0.1) / side
+        resampled = torch.nn.functional.interpolate(
+            square, scale_factor=(scale, scale), mode="bicubic", antialias=False
+        )
+    return resampled.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(patch_pos_embed.dtype)
+
+
+def _set_canvas_size(network: torch.nn.Module, image_size: int, pos_embed: str) -> None:
+    """Resize a timm ViT to ``image_size`` canvases once: its position embedding is resampled by timm's
+    ``set_input_size`` and, for ``pos_embed="dinov2"``, replaced by the original DINOv2 resampling."""
+    native = network.pos_embed.detach()
+    n_prefix = 0 if network.no_embed_class else network.num_prefix_tokens  # class position of plain models
+    network.set_input_size(img_size=image_size)
+    if pos_embed == "dinov2":
+        (grid, _) = network.patch_embed.grid_size
+        patches = dinov2_pos_embed(native[:, n_prefix:], grid, registers=network.num_reg_tokens > 0)
+        network.pos_embed = torch.nn.Parameter(torch.cat([native[:, :n_prefix], patches], dim=1), requires_grad=False)
 
 
 def _download_hub_state_dict(model: str, repo: str) -> dict[str, torch.Tensor]:
@@ -259,8 +354,8 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
 def _load_state_dict(network: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str, model: str) -> None:
     """Load a timm- or original-DINOv2-layout state dict into ``network``; name ``source`` on any mismatch.
 
-    timm's ``checkpoint_filter_fn`` converts the original layout and resamples the position embedding to
-    the network's grid.
+    timm's ``checkpoint_filter_fn`` converts the original layout (the network is built at the checkpoint's
+    grid, so it resamples nothing).
     """
     state = checkpoint_filter_fn(state, network)
     expected = network.state_dict()
@@ -299,19 +394,36 @@ class Daisy(Backbone):
     dim = (rings * histograms + 1) * orientations
 
     def __init__(
-        self, model: str, *, weights: str, image_size: int, layer: str, flip: bool, device: str | torch.device
+        self,
+        model: str,
+        *,
+        weights: str,
+        image_size: int,
+        layer: str,
+        flip: bool,
+        device: str | torch.device,
+        pos_embed: str = "dinov2",
     ):
-        super().__init__(model, weights=weights, image_size=image_size, layer=layer, flip=flip, device=device)
+        super().__init__(
+            model, weights=weights, image_size=image_size, layer=layer, flip=flip, device=device, pos_embed=pos_embed
+        )
         centres = CanvasTransform.fit(image_size, image_size, image_size, self.patch_size).patch_centres()
         self._first_centre = int(np.floor(centres[0, 0, 0]))
         self._subpixel = float(centres[0, 0, 0] - self._first_centre)
 
     @staticmethod
     def describe(
-        model: str, *, weights: str, image_size: int, layer: str, flip: bool, device: str | torch.device
+        model: str,
+        *,
+        weights: str,
+        image_size: int,
+        layer: str,
+        flip: bool,
+        device: str | torch.device,
+        pos_embed: str = "dinov2",
     ) -> dict[str, Any]:
-        """Validate the options and return the key parameters (``layer`` does not apply: not recorded)."""
-        _check_options(image_size, Daisy.patch_size, layer)
+        """Validate the options and return the key parameters (``layer``, ``pos_embed`` do not apply: not recorded)."""
+        _check_options(image_size, Daisy.patch_size, layer, pos_embed)
         if weights not in ("none", "hub"):
             raise BackboneError(f"daisy has no weights: weights must be 'none' (or the default 'hub'), got {weights!r}")
         return {
@@ -365,7 +477,14 @@ def _backbone_class(model: str) -> type[Backbone]:
 
 
 def backbone_key_params(
-    model: str, *, weights: str, image_size: int, layer: str, flip: bool, device: str | torch.device = "cpu"
+    model: str,
+    *,
+    weights: str,
+    image_size: int,
+    layer: str,
+    flip: bool,
+    device: str | torch.device = "cpu",
+    pos_embed: str = "dinov2",
 ) -> dict[str, Any]:
     """``key_params()`` of the backbone ``create_backbone`` would build, without loading any model.
 
@@ -373,12 +492,25 @@ def backbone_key_params(
     hashed (sha256, cached per file size and mtime). ``device`` matters: CUDA computes in bfloat16.
     """
     return _backbone_class(model).describe(
-        model, weights=weights, image_size=image_size, layer=layer, flip=flip, device=device
+        model, weights=weights, image_size=image_size, layer=layer, flip=flip, device=device, pos_embed=pos_embed
     )
 
 
 def create_backbone(
-    model: str, *, weights: str, image_size: int, layer: str, flip: bool, device: str | torch.device = "cpu"
+    model: str,
+    *,
+    weights: str,
+    image_size: int,
+    layer: str,
+    flip: bool,
+    device: str | torch.device = "cpu",
+    pos_embed: str = "dinov2",
 ) -> Backbone:
-    """Build the backbone called ``model`` (a timm DINOv2 name verbatim, or ``daisy``) on ``device``."""
-    return _backbone_class(model)(model, weights=weights, image_size=image_size, layer=layer, flip=flip, device=device)
+    """Build the backbone called ``model`` (a timm DINOv2 name verbatim, or ``daisy``) on ``device``.
+
+    ``pos_embed`` (DINOv2): ``dinov2`` resamples the position embedding as the original DINOv2 code does,
+    ``timm`` as timm does.
+    """
+    return _backbone_class(model)(
+        model, weights=weights, image_size=image_size, layer=layer, flip=flip, device=device, pos_embed=pos_embed
+    )

@@ -63,7 +63,13 @@ def resolve_backbone(catalog: Catalog, name: str | None) -> BackboneSpec:
 
 def backbone_options(spec: BackboneSpec) -> dict[str, Any]:
     """The keyword arguments of ``create_backbone``/``backbone_key_params`` that a catalog backbone sets."""
-    return {"weights": spec.weights, "image_size": spec.image_size, "layer": spec.layer, "flip": spec.flip}
+    return {
+        "weights": spec.weights,
+        "image_size": spec.image_size,
+        "layer": spec.layer,
+        "flip": spec.flip,
+        "pos_embed": spec.pos_embed,
+    }
 
 
 def store_params(spec: BackboneSpec, device: str) -> dict[str, Any]:

@@ -9,13 +9,16 @@ For a source grid ``Hs x Ws`` (N = Hs*Ws patches) and a target grid ``Ht x Wt`` 
     Cf_ij  = 1 - cos(f_i, f_j)                                    feature cost, in [0, 2]
     Q_s(T) = sum_ijkl T_ij T_kl [As_ik (1 - At_jl) + (1 - As_ik) At_jl]   spatial GW term
     Q_y(T) = sum_ijkl T_ij T_kl [(x_i - x_k)(x_j - x_l) < 0]            left-right order term
-    lambda = sqrt(N M) / k^2
+    lambda = sqrt(N M) / (k_src k_trg)
     H(T)   = -sum_ij T_ij (log T_ij - 1),   KL(p | a) = sum_i p_i log(p_i / a_i) - p_i + a_i
 
-with ``As``/``At`` the 0/1 Chebyshev ``k x k`` neighbourhood matrices of the grids (centre included), ``x``
+with ``As``/``At`` the 0/1 Chebyshev neighbourhood matrices of the grids (centre included), ``k_src x k_src``
+on the source and ``k_trg x k_trg`` on the target (``k_trg = k_src = k`` by default), ``x``
 a patch's column, and ``a``/``b`` uniform over the valid patches (total mass 1; invalid patches get none).
-``lambda`` puts ``w_s`` on the scale of ``Cf``: for a plan of mass 1, ``Q_s`` and its gradient are
-O(k^2 / N), so ``lambda * grad Q_s`` is O(1) whatever the grid and kernel sizes, like ``grad Q_y``.
+``lambda`` puts ``w_s`` on the scale of ``Cf``: for a plan of mass 1 the gradient's parts are O(k_src^2 / N)
+and O(k_trg^2 / M), so ``lambda``, the inverse of their geometric mean, makes ``lambda * grad Q_s`` O(1)
+whatever the grid and kernel sizes, like ``grad Q_y``; with one size ``k`` on both grids it is
+``sqrt(N M) / k^2``.
 With ``rho = inf`` the KL terms are the constraints ``T1 = a``, ``T^T1 = b`` and are left out of ``E``.
 
 Solver: mirror descent in the KL geometry with step ``1 / eps`` (Peyre, Cuturi & Solomon 2016): each outer
@@ -26,6 +29,12 @@ step linearises the quadratic terms at the current plan and solves the entropic 
 with the warm-started Sinkhorn of :mod:`stages.match.sinkhorn` (the unbalanced GW relaxation of Sejourne,
 Vialard & Peyre 2021). The gradients are convolutions and cumulative sums (:mod:`stages.match.costs`).
 
+Each pair of a batch stops on its own, once its plan moves less than ``outer_tol`` in a step (and each
+Sinkhorn solve likewise per pair): pairs that are done are frozen and leave the working set, so a pair's
+plan does not depend on the batch it is solved in. The objective and marginal error are computed once, at
+the end. A pair that used all ``outer_iters`` steps without converging is counted in one
+:class:`ConvergenceWarning` per call.
+
 References:
     G. Peyre, M. Cuturi, J. Solomon. Gromov-Wasserstein averaging of kernel and distance matrices. ICML 2016.
     T. Sejourne, F.-X. Vialard, G. Peyre. The unbalanced Gromov Wasserstein distance: conic formulation and
@@ -35,31 +44,40 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from pipeline.errors import PipelineError
-from stages.match.costs import Grid, QuadraticTerm, spatial_term, symmetry_term
+from stages.match.costs import Grid, add_spatial_gradient, add_symmetry_gradient, spatial_term, symmetry_term
 from stages.match.nn import check_grids, cosine_similarity
 from stages.match.sinkhorn import sinkhorn_unbalanced
 
 
+class ConvergenceWarning(UserWarning):
+    """Some pairs of a GWOT solve used all their outer steps without converging."""
+
+
 @dataclass(frozen=True)
 class GWOTResult:
-    """The plan ``[B, N, M]`` and, per outer step ``s``: the objective ``E`` after it ``objective [B, S]``,
-    the marginal error ``|T1 - a|_1 + |T^T1 - b|_1`` after it ``marginal_error [B, S]`` and the Sinkhorn
-    iterations it ran ``inner_iters`` (length S; the most over the batch)."""
+    """Per pair of the batch: the plan ``[B, N, M]``; the final objective ``E`` ``[B]``; the final marginal
+    error ``|T1 - a|_1 + |T^T1 - b|_1`` ``[B]``; the mirror-descent steps used ``outer_steps [B]`` and the
+    Sinkhorn iterations used over all of them ``inner_iters [B]`` (int64); whether the plan converged to
+    ``outer_tol`` within ``outer_iters`` steps ``converged [B]`` (bool)."""
 
     plan: torch.Tensor
     objective: torch.Tensor
     marginal_error: torch.Tensor
-    inner_iters: tuple[int, ...]
+    outer_steps: torch.Tensor
+    inner_iters: torch.Tensor
+    converged: torch.Tensor
 
 
 def _check_hyperparameters(
-    eps: float, w_s: float, k: int, w_y: float, rho: float, outer_iters: int, inner_iters: int
+    eps: float, w_s: float, k: int, k_trg: int, w_y: float, rho: float, outer_iters: int, inner_iters: int
 ) -> None:
     """Reject settings outside the solver's domain, naming the knob."""
     problems = []
@@ -69,6 +87,8 @@ def _check_hyperparameters(
         problems.append(f"w_s and w_y must be >= 0, got w_s={w_s}, w_y={w_y}")
     if not (k >= 1 and k % 2 == 1):
         problems.append(f"k must be a positive odd neighbourhood size, got {k}")
+    if not (k_trg >= 1 and k_trg % 2 == 1):
+        problems.append(f"k_trg must be a positive odd neighbourhood size (or None for k), got {k_trg}")
     if not rho > 0:
         problems.append(f"rho must be > 0 (math.inf for hard marginals), got {rho}")
     if outer_iters < 1 or inner_iters < 1:
@@ -89,7 +109,7 @@ def _kl(mass: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 def _init_plan(init: torch.Tensor | None, src_mass: torch.Tensor, trg_mass: torch.Tensor) -> torch.Tensor:
-    """The starting plan: ``a b^T`` or the caller's ``[B, N, M]`` plan (checked, not modified)."""
+    """The starting plan, a fresh tensor: ``a b^T`` or a copy of the caller's ``[B, N, M]`` plan (checked)."""
     product = src_mass[:, :, None] * trg_mass[:, None, :]
     if init is None:
         return product
@@ -97,7 +117,7 @@ def _init_plan(init: torch.Tensor | None, src_mass: torch.Tensor, trg_mass: torc
         raise PipelineError(f"init plan must have shape {tuple(product.shape)}, got {tuple(init.shape)}")
     if not (torch.isfinite(init).all() and (init >= 0).all()):
         raise PipelineError("init plan must be finite and non-negative")
-    return init.to(product)
+    return product.copy_(init)
 
 
 @dataclass(frozen=True)
@@ -113,30 +133,35 @@ class _Problem:
     spatial_weight: float  # w_s * lambda
     w_y: float
     rho: float
-    k: int
+    k_src: int
+    k_trg: int
 
-    def quadratic_terms(self, plan: torch.Tensor) -> list[tuple[float, QuadraticTerm]]:
-        """The weighted quadratic terms at ``plan`` that are switched on."""
-        terms = []
+    def pairs(self, ids: torch.Tensor) -> _Problem:
+        """The same problem restricted to the pairs ``ids`` of the batch."""
+        return dataclasses.replace(
+            self, feature_cost=self.feature_cost[ids], src_mass=self.src_mass[ids], trg_mass=self.trg_mass[ids]
+        )
+
+    def step_cost(self, plan: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``Cf + w_s lambda grad Q_s(T) + w_y grad Q_y(T)`` at ``plan``, written into ``out`` ``[B, N, M]``."""
+        out.copy_(self.feature_cost)
         if self.spatial_weight > 0:
-            terms.append((self.spatial_weight, spatial_term(plan, self.src_grid, self.trg_grid, self.k)))
+            add_spatial_gradient(out, plan, self.src_grid, self.trg_grid, self.k_src, self.k_trg, self.spatial_weight)
         if self.w_y > 0:
-            terms.append((self.w_y, symmetry_term(plan, self.src_grid, self.trg_grid)))
-        return terms
+            add_symmetry_gradient(out, plan, self.src_grid, self.trg_grid, self.w_y)
+        return out
 
-    def linearised_cost(self, terms: list[tuple[float, QuadraticTerm]]) -> torch.Tensor:
-        """``Cf + sum_w w * grad Q`` at the plan the terms were evaluated at, ``[B, N, M]``."""
-        cost = self.feature_cost.clone()
-        for weight, term in terms:
-            cost.add_(term.grad, alpha=weight)
-        return cost
-
-    def objective(self, plan: torch.Tensor, terms: list[tuple[float, QuadraticTerm]]) -> torch.Tensor:
+    def objective(self, plan: torch.Tensor) -> torch.Tensor:
         """``E(T)`` per pair, ``[B]`` (the KL terms are constraints, left out, when ``rho = inf``)."""
         value = (self.feature_cost * plan).sum((1, 2))
         value = value + self.eps * (torch.special.xlogy(plan, plan).sum((1, 2)) - plan.sum((1, 2)))
-        for weight, term in terms:
-            value = value + weight * term.value
+        if self.spatial_weight > 0:
+            value = (
+                value
+                + self.spatial_weight * spatial_term(plan, self.src_grid, self.trg_grid, self.k_src, self.k_trg).value
+            )
+        if self.w_y > 0:
+            value = value + self.w_y * symmetry_term(plan, self.src_grid, self.trg_grid).value
         if not math.isinf(self.rho):
             value = value + self.rho * (_kl(plan.sum(2), self.src_mass) + _kl(plan.sum(1), self.trg_mass))
         return value
@@ -155,6 +180,7 @@ def gwot(
     eps: float = 0.02,
     w_s: float = 0.1,
     k: int = 5,
+    k_trg: int | None = None,
     w_y: float = 0.1,
     rho: float = 1.0,
     outer_iters: int = 10,
@@ -163,19 +189,21 @@ def gwot(
     inner_tol: float = 1e-4,
     init: torch.Tensor | None = None,
 ) -> GWOTResult:
-    """Solve the GWOT problem of the module docstring for a batch of feature-grid pairs.
+    """Solve the GWOT problem of the module docstring for a batch of feature-grid pairs, each pair on its own.
 
     Args:
         src_feats: ``[B, Hs, Ws, C]`` source patch features; ``trg_feats``: ``[B, Ht, Wt, C]``.
         src_valid, trg_valid: ``[B, H, W]`` bool, patches that may carry mass (None: all).
         eps: entropic regularisation, in units of the feature cost ``Cf`` (range [0, 2]).
-        w_s: weight of the spatial term, on the ``Cf`` scale thanks to ``lambda = sqrt(N M) / k^2``.
-        k: odd side of the square neighbourhood (in patches) that counts as "close".
+        w_s: weight of the spatial term, on the ``Cf`` scale thanks to ``lambda = sqrt(N M) / (k k_trg)``.
+        k: odd side of the square neighbourhood (in patches) that counts as "close" on the source grid.
+        k_trg: the same on the target grid (None: ``k``), e.g. larger for a target object larger than the
+            source's.
         w_y: weight of the left-right order term (its gradient is in [0, 2] for a plan of mass 1).
         rho: marginal relaxation strength; ``math.inf`` forces the marginals (balanced transport).
-        outer_iters: most mirror-descent steps; stops earlier once ``|T_{t+1} - T_t|_1 <= outer_tol``.
-        inner_iters: most Sinkhorn iterations per step; stops earlier once the dual potentials move less
-            than ``inner_tol`` (cost units) in an iteration.
+        outer_iters: most mirror-descent steps; a pair stops earlier once ``|T_{t+1} - T_t|_1 <= outer_tol``.
+        inner_iters: most Sinkhorn iterations per step; a pair stops earlier once its dual potentials move
+            less than ``inner_tol`` (cost units) in an iteration.
         init: starting plan ``[B, N, M]`` (default ``a b^T``); its potentials are not known, so the first
             Sinkhorn solve starts cold.
 
@@ -184,16 +212,19 @@ def gwot(
     descriptors (``tests/stages/match/test_quality.py``), not yet swept on DINOv2 features.
 
     Returns a :class:`GWOTResult` on the features' device, in their dtype (float32 for half precision).
-    Settings ``w_s = 0`` and/or ``w_y = 0`` give the ablations, both zero gives plain entropic OT.
+    Settings ``w_s = 0`` and/or ``w_y = 0`` give the ablations, both zero gives plain entropic OT. Warns
+    (:class:`ConvergenceWarning`) when pairs did not converge.
 
-    Mapping to POT (``rho = inf``, ``w_y = 0``): with ``s = w_s * lambda`` the iterates equal those of
-    ``ot.gromov.entropic_fused_gromov_wasserstein(M=Cf, C1=As, C2=At, p=a, q=b, loss_fun="square_loss",
-    alpha=s / (1 + s), epsilon=eps / (1 + s), G0=init, max_iter=outer_iters, solver="PGD")``: for 0/1
-    matrices ``(As_ik - At_jl)^2`` is ``S``, POT's ``gwggrad`` is ``grad Q_s`` at fixed marginals, and POT's
-    step cost ``(1 - alpha) Cf + alpha gwggrad`` with ``epsilon`` is ours divided by ``1 + s``. The inner
-    problem is ``ot.unbalanced.sinkhorn_unbalanced(a, b, C_t, reg=eps, reg_m=rho, reg_type="entropy")``.
+    Mapping to POT (``rho = inf``, ``w_y = 0``, ``k_trg = k``): with ``s = w_s * lambda`` the iterates equal
+    those of ``ot.gromov.entropic_fused_gromov_wasserstein(M=Cf, C1=As, C2=At, p=a, q=b,
+    loss_fun="square_loss", alpha=s / (1 + s), epsilon=eps / (1 + s), G0=init, max_iter=outer_iters,
+    solver="PGD")``: for 0/1 matrices ``(As_ik - At_jl)^2`` is ``S``, POT's ``gwggrad`` is ``grad Q_s`` at
+    fixed marginals, and POT's step cost ``(1 - alpha) Cf + alpha gwggrad`` with ``epsilon`` is ours divided
+    by ``1 + s``. The inner problem is ``ot.unbalanced.sinkhorn_unbalanced(a, b, C_t, reg=eps, reg_m=rho,
+    reg_type="entropy")``.
     """
-    _check_hyperparameters(eps, w_s, k, w_y, rho, outer_iters, inner_iters)
+    k_trg = k if k_trg is None else k_trg
+    _check_hyperparameters(eps, w_s, k, k_trg, w_y, rho, outer_iters, inner_iters)
     src_valid, trg_valid = check_grids(src_feats, trg_feats, src_valid, trg_valid)
     feature_cost = 1 - cosine_similarity(src_feats, trg_feats)
     src_grid, trg_grid = tuple(src_feats.shape[1:3]), tuple(trg_feats.shape[1:3])
@@ -205,37 +236,82 @@ def gwot(
         src_grid=src_grid,
         trg_grid=trg_grid,
         eps=eps,
-        spatial_weight=w_s * math.sqrt(n * m) / k**2,
+        spatial_weight=w_s * math.sqrt(n * m) / (k * k_trg),
         w_y=w_y,
         rho=rho,
-        k=k,
+        k_src=k,
+        k_trg=k_trg,
     )
-    plan = _init_plan(init, problem.src_mass, problem.trg_mass)
-    terms = problem.quadratic_terms(plan)
-    potentials = None
-    objective, marginal_error, inner_used = [], [], []
-    for _ in range(outer_iters):
+    plan, outer_steps, inner_used, converged = _mirror_descent(
+        problem, _init_plan(init, problem.src_mass, problem.trg_mass), outer_iters, outer_tol, inner_iters, inner_tol
+    )
+    unconverged = int((~converged).sum())
+    if unconverged:
+        warnings.warn(
+            f"GWOT: {unconverged} of {len(converged)} pair(s) did not converge in outer_iters={outer_iters} "
+            f"steps (plan change > outer_tol={outer_tol}); raise outer_iters, or eps for smoother plans",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    return GWOTResult(
+        plan=plan,
+        objective=problem.objective(plan),
+        marginal_error=problem.marginal_error(plan),
+        outer_steps=outer_steps,
+        inner_iters=inner_used,
+        converged=converged,
+    )
+
+
+def _mirror_descent(
+    problem: _Problem, plan: torch.Tensor, outer_iters: int, outer_tol: float, inner_iters: int, inner_tol: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the outer loop from ``plan`` (overwritten) with a mask of active pairs; returns the final plans
+    ``[B, N, M]`` and per pair the outer steps, inner iterations and convergence.
+
+    The working set holds the active pairs (``ids``), their plans and two scratch buffers (step cost, next
+    plan) that are reused step after step; a pair that is done is copied out and the set compacted.
+    """
+    batch = plan.shape[0]
+    device = plan.device
+    ids = torch.arange(batch, device=device)
+    outer_steps = torch.zeros(batch, dtype=torch.int64, device=device)
+    inner_used = torch.zeros(batch, dtype=torch.int64, device=device)
+    converged = torch.zeros(batch, dtype=torch.bool, device=device)
+    potentials = torch.zeros_like(problem.src_mass), torch.zeros_like(problem.trg_mass)
+    work, final = problem, None
+    cost, spare = torch.empty_like(plan), torch.empty_like(plan)
+    for step in range(outer_iters):
         solution = sinkhorn_unbalanced(
-            problem.linearised_cost(terms),
-            problem.src_mass,
-            problem.trg_mass,
-            eps=eps,
-            rho=rho,
+            work.step_cost(plan, out=cost),
+            work.src_mass,
+            work.trg_mass,
+            eps=problem.eps,
+            rho=problem.rho,
             max_iter=inner_iters,
             tol=inner_tol,
             init=potentials,
+            out=spare,
         )
-        change = torch.sub(solution.plan, plan).abs_().sum((1, 2)).max()
-        plan, potentials = solution.plan, (solution.src_potential, solution.trg_potential)
-        terms = problem.quadratic_terms(plan)
-        objective.append(problem.objective(plan, terms))
-        marginal_error.append(problem.marginal_error(plan))
-        inner_used.append(solution.iterations)
-        if change <= outer_tol:
+        change = torch.sub(solution.plan, plan, out=cost).abs_().sum((1, 2))
+        plan, spare = solution.plan, plan
+        potentials = solution.src_potential, solution.trg_potential
+        outer_steps[ids] += 1
+        inner_used[ids] += solution.iterations
+        calm = change <= outer_tol
+        finished = calm | (step == outer_iters - 1)
+        converged[ids[calm]] = True
+        if not bool(finished.any()):
+            continue
+        if final is None and bool(finished.all()):  # the whole batch at once: the plans are in order
+            return plan, outer_steps, inner_used, converged
+        if final is None:
+            final = torch.empty((batch, *plan.shape[1:]), dtype=plan.dtype, device=device)
+        final[ids[finished]] = plan[finished]
+        keep = torch.where(~finished)[0]
+        if not keep.numel():
             break
-    return GWOTResult(
-        plan=plan,
-        objective=torch.stack(objective, dim=1),
-        marginal_error=torch.stack(marginal_error, dim=1),
-        inner_iters=tuple(inner_used),
-    )
+        ids, work, plan = ids[keep], work.pairs(keep), plan[keep]
+        potentials = potentials[0][keep], potentials[1][keep]
+        cost, spare = torch.empty_like(plan), torch.empty_like(plan)
+    return final, outer_steps, inner_used, converged

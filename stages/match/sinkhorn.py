@@ -17,6 +17,10 @@ into it, so ``u`` and ``v`` stay near 1; whenever ``|log u|`` or ``|log v|`` exc
 absorbed again (Schmitzer 2019). One log-domain sweep first puts (possibly warm-started) potentials on the
 scale of the cost, so nothing under- or overflows even at ``eps = 1e-3`` with costs in [0, 2] in float32.
 Patches with zero mass (invalid ones) get potential ``-inf`` and no mass.
+
+Each pair of a batch stops on its own (a mask of active pairs): its convergence checks, absorptions and
+iteration count are its own, so its result does not depend on the other pairs of the batch. Pairs that
+are done leave the working set, which is compacted, so later iterations stream only the active pairs.
 """
 
 from __future__ import annotations
@@ -35,25 +39,36 @@ CHECK_EVERY = 5  # iterations between convergence checks (each check synchronise
 
 @dataclass(frozen=True)
 class SinkhornResult:
-    """Plan ``[B, N, M]``, dual potentials ``[B, N]``/``[B, M]`` (``-inf`` at zero mass), iterations run."""
+    """Plan ``[B, N, M]``, dual potentials ``[B, N]``/``[B, M]`` (``-inf`` at zero mass), and per pair the
+    iterations run ``[B]`` (int64) and whether the potentials converged to ``tol`` ``[B]`` (bool)."""
 
     plan: torch.Tensor
     src_potential: torch.Tensor
     trg_potential: torch.Tensor
-    iterations: int
+    iterations: torch.Tensor
+    converged: torch.Tensor
 
 
-def _scaled_gap(cost: torch.Tensor, src_potential: torch.Tensor, trg_potential: torch.Tensor, eps: float):
-    """``(f_i + g_j - C_ij) / eps``, ``[B, N, M]``, built in one buffer (fresh N x M buffers are slow)."""
-    return cost.neg().add_(src_potential[:, :, None]).add_(trg_potential[:, None, :]).div_(eps)
+def _scaled_gap(
+    cost: torch.Tensor,
+    src_potential: torch.Tensor,
+    trg_potential: torch.Tensor,
+    eps: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(f_i + g_j - C_ij) / eps``, ``[B, N, M]``, built in one buffer (``out`` if given: fresh N x M
+    buffers are slow, the kernel zero-fills their pages)."""
+    out = torch.neg(cost, out=out)
+    return out.add_(src_potential[:, :, None]).add_(trg_potential[:, None, :]).div_(eps)
 
 
 def _log_domain_update(
-    cost: torch.Tensor, other_potential: torch.Tensor, log_mass: torch.Tensor, eps: float, tau: float
+    cost: torch.Tensor, other_potential: torch.Tensor, log_mass: torch.Tensor, eps: float, tau: float, buffer
 ) -> torch.Tensor:
-    """One exact potential update ``tau eps (log a - LSE_j((g_j - C_ij) / eps))`` for the rows of ``cost``."""
+    """One exact potential update ``tau eps (log a - LSE_j((g_j - C_ij) / eps))`` for the rows of ``cost``
+    (``buffer``, shaped like ``cost``, is scratch space)."""
     rows = torch.zeros_like(log_mass)
-    softmin = torch.logsumexp(_scaled_gap(cost, rows, other_potential, eps), dim=2)
+    softmin = torch.logsumexp(_scaled_gap(cost, rows, other_potential, eps, out=buffer), dim=2)
     return torch.where(torch.isfinite(log_mass), tau * eps * (log_mass - softmin), -math.inf)
 
 
@@ -62,10 +77,17 @@ def _log_scaling(
 ) -> torch.Tensor:
     """``log u = tau (log a - log K v) - f / (rho + eps)`` on rows with mass; 0 elsewhere (K rows are 0)."""
     tiny = torch.finfo(kernel_product.dtype).tiny
-    log_u = tau * (log_mass - kernel_product.clamp_min(tiny).log()) - damping * absorbed
+    log_u = kernel_product.clamp_min_(tiny).log_().sub_(log_mass).mul_(-tau)
+    if damping:
+        log_u.sub_(damping * absorbed)
     # Clipping only delays a far jump to after the next absorption; Sinkhorn converges from any iterate.
-    log_u = log_u.clamp(-LOG_SCALING_LIMIT, LOG_SCALING_LIMIT)
-    return torch.where(torch.isfinite(log_mass), log_u, 0.0)
+    log_u.clamp_(-LOG_SCALING_LIMIT, LOG_SCALING_LIMIT)
+    return log_u.masked_fill_(~torch.isfinite(log_mass), 0.0)
+
+
+def _absorbed(potential: torch.Tensor, log_scaling: torch.Tensor, log_mass: torch.Tensor, eps: float):
+    """``f + eps log u`` on patches with mass, ``-inf`` elsewhere."""
+    return torch.where(torch.isfinite(log_mass), potential + eps * log_scaling, -math.inf)
 
 
 def sinkhorn_unbalanced(
@@ -78,18 +100,22 @@ def sinkhorn_unbalanced(
     max_iter: int = 1000,
     tol: float = 1e-6,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
 ) -> SinkhornResult:
     """Entropic (unbalanced for finite ``rho``) OT between ``src_mass [B, N]`` and ``trg_mass [B, M]``.
 
     ``cost [B, N, M]``; masses are non-negative (zero for patches that must not be matched). ``init`` is a
-    pair of potentials ``([B, N], [B, M])`` from an earlier solve (a warm start); zeros otherwise. Stops
-    after ``max_iter`` iterations or once no potential moved more than ``tol`` (cost units) in an iteration.
+    pair of potentials ``([B, N], [B, M])`` from an earlier solve (a warm start); zeros otherwise. Each
+    pair stops after ``max_iter`` iterations or once none of its potentials moved more than ``tol`` (cost
+    units) in an iteration. ``out`` (shaped like ``cost``, not ``cost`` itself) receives the plan, so that
+    a caller solving many problems reuses one buffer.
     """
     if cost.ndim != 3 or src_mass.shape != cost.shape[:2] or trg_mass.shape != (cost.shape[0], cost.shape[2]):
         raise PipelineError(
             "expected cost [B, N, M], src_mass [B, N], trg_mass [B, M]; got "
             f"{list(cost.shape)}, {list(src_mass.shape)}, {list(trg_mass.shape)}"
         )
+    batch = cost.shape[0]
     log_a, log_b = src_mass.log(), trg_mass.log()
     tau = 1.0 if math.isinf(rho) else rho / (rho + eps)
     damping = 0.0 if math.isinf(rho) else 1.0 / (rho + eps)
@@ -99,33 +125,57 @@ def sinkhorn_unbalanced(
         src_potential, trg_potential = init
     src_potential = torch.where(torch.isfinite(log_a), src_potential.nan_to_num(neginf=0.0), -math.inf)
     trg_potential = torch.where(torch.isfinite(log_b), trg_potential.nan_to_num(neginf=0.0), -math.inf)
-    src_potential = _log_domain_update(cost, trg_potential, log_a, eps, tau)
-    trg_potential = _log_domain_update(cost.transpose(1, 2), src_potential, log_b, eps, tau)
-    kernel = _scaled_gap(cost, src_potential, trg_potential, eps).exp_()
+    plan = torch.empty_like(cost) if out is None else out
+    src_potential = _log_domain_update(cost, trg_potential, log_a, eps, tau, plan)
+    trg_potential = _log_domain_update(cost.transpose(1, 2), src_potential, log_b, eps, tau, plan.transpose(1, 2))
+    kernel = _scaled_gap(cost, src_potential, trg_potential, eps, out=plan).exp_()
+    # The working set: the pairs still iterating (``ids``), their kernels, masses, potentials and scalings.
+    ids = torch.arange(batch, device=cost.device)
     log_u, log_v = torch.zeros_like(log_a), torch.zeros_like(log_b)
-    iterations = 1
-    while iterations < max_iter:
-        for _ in range(min(CHECK_EVERY, max_iter - iterations)):
-            previous = torch.cat([log_u, log_v], dim=1)
+    final_src, final_trg = src_potential.clone(), trg_potential.clone()
+    iterations = torch.zeros(batch, dtype=torch.int64, device=cost.device)
+    converged = torch.zeros(batch, dtype=torch.bool, device=cost.device)
+    done_iterations = 1
+    while ids.numel():
+        steps = min(CHECK_EVERY, max_iter - done_iterations)
+        for step in range(steps):
+            if step == steps - 1:
+                previous = torch.cat([log_u, log_v], dim=1)
             # Row vector times matrix: several times faster than matrix times column vector on CPU.
             kernel_v = torch.bmm(log_v.exp()[:, None, :], kernel.transpose(1, 2))[:, 0]
             log_u = _log_scaling(kernel_v, log_a, src_potential, tau, damping)
             kernel_u = torch.bmm(log_u.exp()[:, None, :], kernel)[:, 0]
             log_v = _log_scaling(kernel_u, log_b, trg_potential, tau, damping)
-            iterations += 1
-        current = torch.cat([log_u, log_v], dim=1)
-        change, largest = torch.stack([(current - previous).abs().max(), current.abs().max()]).tolist()
-        if largest > ABSORB_AT:
-            src_potential = torch.where(torch.isfinite(log_a), src_potential + eps * log_u, -math.inf)
-            trg_potential = torch.where(torch.isfinite(log_b), trg_potential + eps * log_v, -math.inf)
-            kernel = _scaled_gap(cost, src_potential, trg_potential, eps).exp_()
-            log_u, log_v = torch.zeros_like(log_u), torch.zeros_like(log_v)
-        elif eps * change <= tol:
+        done_iterations += steps
+        if steps > 0:
+            current = torch.cat([log_u, log_v], dim=1)
+            change = (current - previous).abs_().amax(1)
+            absorb = current.abs().amax(1) > ABSORB_AT
+            calm = (eps * change <= tol) & ~absorb
+        else:
+            absorb = calm = torch.zeros(ids.numel(), dtype=torch.bool, device=cost.device)
+        if bool(absorb.any()):
+            src_potential = torch.where(absorb[:, None], _absorbed(src_potential, log_u, log_a, eps), src_potential)
+            trg_potential = torch.where(absorb[:, None], _absorbed(trg_potential, log_v, log_b, eps), trg_potential)
+            fresh = torch.where(absorb)[0]
+            kernel[fresh] = _scaled_gap(cost[ids[fresh]], src_potential[fresh], trg_potential[fresh], eps).exp_()
+            log_u = log_u.masked_fill(absorb[:, None], 0.0)
+            log_v = log_v.masked_fill(absorb[:, None], 0.0)
+        finished = calm | (done_iterations >= max_iter)
+        if not bool(finished.any()):
+            continue
+        rows = ids[finished]
+        iterations[rows], converged[rows] = done_iterations, calm[finished]
+        final_src[rows] = _absorbed(src_potential[finished], log_u[finished], log_a[finished], eps)
+        final_trg[rows] = _absorbed(trg_potential[finished], log_v[finished], log_b[finished], eps)
+        scalings = log_u.exp()[:, :, None], log_v.exp()[:, None, :]
+        if kernel is plan and bool(finished.all()):  # every pair of the batch at once: scale in place
+            plan.mul_(scalings[0]).mul_(scalings[1])
             break
-    plan = kernel.mul_(log_u.exp()[:, :, None]).mul_(log_v.exp()[:, None, :])  # the kernel is done with
+        plan[rows] = kernel[finished] * scalings[0][finished] * scalings[1][finished]
+        keep = ~finished
+        ids, kernel, log_a, log_b = ids[keep], kernel[keep], log_a[keep], log_b[keep]
+        src_potential, trg_potential, log_u, log_v = src_potential[keep], trg_potential[keep], log_u[keep], log_v[keep]
     return SinkhornResult(
-        plan=plan,
-        src_potential=torch.where(torch.isfinite(log_a), src_potential + eps * log_u, -math.inf),
-        trg_potential=torch.where(torch.isfinite(log_b), trg_potential + eps * log_v, -math.inf),
-        iterations=iterations,
+        plan=plan, src_potential=final_src, trg_potential=final_trg, iterations=iterations, converged=converged
     )

@@ -16,8 +16,7 @@ Scoring: PCK at every catalog alpha with the pair's threshold kind, ``error <= a
 original target pixels; flows (TSS and the demo's exact ground truth) with the TSS kit's T1..T50. TSS's
 predicted flows are also kept as ``.flo`` files in the kit's layout for ``pipeline export-tss``.
 
-A pair's numbers can depend slightly on its batch: GWOT stops its outer and inner loops when the whole
-batch has converged. Batches are deterministic, so reruns, resumes and any number of workers agree.
+Batches are deterministic, so reruns, resumes and any number of workers agree.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ from pipeline.catalog import Catalog
 from pipeline.cluster import dask_client
 from pipeline.context import StageContext, StageStatus
 from pipeline.errors import CatalogError, PipelineError, StageError
-from pipeline.features_store import FeatureStore, FeatureStoreError
+from pipeline.features_store import CorruptFeaturesError, FeatureStore, FeatureStoreError
 from pipeline.progress import progress_bar
 from pipeline.provenance import provenance
 from stages.datasets import stage as normalize_stage
@@ -260,8 +259,14 @@ def _ledger(run_folder: str | Path) -> Ledger:
 
 
 def _is_done(ledger: Ledger, task: BatchTask) -> bool:
+    """Whether the unit is recorded for the task's pairs and alphas and its parts read back whole."""
     record = ledger.record(task.unit)
-    return record is not None and record.get("pair_ids") == task.pair_ids and record.get("alphas") == list(task.alphas)
+    return (
+        record is not None
+        and record.get("pair_ids") == task.pair_ids
+        and record.get("alphas") == list(task.alphas)
+        and results.batch_intact(task.run_folder, task.dataset, task.setting.key, task.batch, len(task.pairs))
+    )
 
 
 @dataclass(frozen=True)
@@ -436,8 +441,7 @@ def match(ctx: StageContext, batch_size: int) -> None:
         tasks += [
             task for task in plan.tasks(ctx.catalog, run_folder) if ctx.options.force or not _is_done(ledger, task)
         ]
-    for task in tasks:
-        ledger.clear(task.unit)
+    # Markers stay until each batch's new parts replace the old ones: a forced run that stops keeps results.
     failures = []
     if tasks:
         log.info("match: %d batch(es) of %d pair(s) to compute", len(tasks), sum(len(t.pairs) for t in tasks))
@@ -453,10 +457,21 @@ def match(ctx: StageContext, batch_size: int) -> None:
             f"{', '.join(task.pair_ids)}: {type(error).__name__}: {error}"
             for task, error in failures
         ]
+        damaged = {task.dataset for task, error in failures if isinstance(error, CorruptFeaturesError)}
+        lines += [_mark_damaged_features(plan) for plan in plans if plan.dataset in damaged]
         raise StageError(
             f"match: {len(failures)} of {len(tasks)} batch(es) failed twice; the others are stored and the next "
             "run computes only these:\n  " + "\n  ".join(lines)
         )
+
+
+def _mark_damaged_features(plan: DatasetPlan) -> str:
+    """Mark the plan's damaged feature shards for recomputation; returns the command that recomputes them."""
+    shards = plan.store.verify()
+    return (
+        f"{plan.dataset}: feature shard(s) {shards} are damaged and now marked for recomputation: run "
+        f"`pipeline run --stage features --stage match --dataset {plan.dataset} --backbone {plan.backbone}`"
+    )
 
 
 def run(ctx: StageContext) -> None:

@@ -85,7 +85,7 @@ def test_bad_arguments_raise_value_or_type_errors_before_any_model_is_loaded(pho
         ({"img1": [[0, 1], [2, 3]]}, TypeError, r"img1: expected a file path, a PIL image or an \[H, W, 3\] array"),
         ({"points": [[10, 10], [600, 10]]}, ValueError, r"point \(600, 10\) lies outside the source image img0"),
         ({"points": [1, 2, 3]}, ValueError, r"points must be a non-empty \[K, 2\] array"),
-        ({"params": {"eps": -1}}, ValueError, r"params\.eps: must be > 0, got -1"),
+        ({"params": {"eps": -1}}, ValueError, r"params\.eps: must be a finite number >= 0\.0001 .*, got -1"),
         ({"params": {"epz": 1}}, ValueError, r"params: unknown key\(s\) 'epz'"),
         ({"matcher": "gwto"}, ValueError, r"unknown matcher 'gwto'; the catalog defines: .*gwot"),
         ({"backbone": "dino"}, ValueError, r"unknown backbone 'dino'"),

@@ -13,6 +13,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+import torch.nn.functional as F
 
 from stages.features.backbones import (
     BACKBONE_NAMES,
@@ -161,6 +162,7 @@ def test_key_params_change_with_everything_that_changes_the_numbers(small, tmp_p
     variants = [
         {}, {"weights": "random:1"}, {"weights": str(weights_a)}, {"weights": str(weights_b)},
         {"weights": "hub"}, {"image_size": 112}, {"layer": "norm"}, {"flip": True}, {"device": "cuda"},
+        {"pos_embed": "timm"},
     ]  # fmt: skip
     keys = [backbone_key_params(SMALL, **(base | change)) for change in variants]
     keys.append(backbone_key_params(SMALL_REG4, **base))
@@ -168,7 +170,8 @@ def test_key_params_change_with_everything_that_changes_the_numbers(small, tmp_p
     assert len({repr(sorted(k.items())) for k in keys}) == len(keys)
     assert backbone_key_params(SMALL, **base) == backbone_key_params(SMALL, **(base | {"weights": "random:0"}))
     assert keys[2]["weights"].startswith("sha256:") and keys[4]["weights"] == "hub:lvd142m"
-    assert keys[-3]["compute_dtype"] == "bfloat16" and keys[0]["compute_dtype"] == "float32"
+    assert keys[0]["pos_embed"] == "dinov2" and "pos_embed" not in keys[-1]  # DAISY has no position embedding
+    assert keys[-4]["compute_dtype"] == "bfloat16" and keys[0]["compute_dtype"] == "float32"
     assert small.key_params() == keys[0]
 
 
@@ -183,6 +186,109 @@ def test_original_dinov2_layout_reproduces_the_saving_model(small_source, reg4_s
     larger = create_backbone(model, weights=str(path), image_size=112, layer="norm", flip=False)
     assert larger.model.pos_embed.shape[1] == larger.model.num_prefix_tokens * (which == "plain") + 8 * 8
     assert larger(canvases(112, batch=1)).shape == (1, 8, 8, 384)
+
+
+DINOV2_GRID = 37  # the original DINOv2 checkpoints' 518 px / 14
+
+
+def expected_patch_pos_embed(patch_pos_embed: torch.Tensor, grid: int, *, registers: bool) -> torch.Tensor:
+    """The original DINOv2 ``interpolate_pos_encoding`` of a 37 x 37 patch embedding [1, 1369, C], from its
+    formula: plain models bicubic by scale factor (grid + 0.1) / 37 without antialiasing, register models
+    bicubic to the size grid with antialiasing; untouched at grid 37."""
+    if grid == DINOV2_GRID:
+        return patch_pos_embed
+    square = patch_pos_embed.reshape(1, DINOV2_GRID, DINOV2_GRID, -1).permute(0, 3, 1, 2)
+    if registers:
+        resampled = F.interpolate(square, size=(grid, grid), mode="bicubic", antialias=True)
+    else:
+        scale = (grid + 0.1) / DINOV2_GRID
+        resampled = F.interpolate(square, scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    return resampled.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
+
+
+def timm_random_pos_embed(model: str, seed: int = 0) -> torch.Tensor:
+    """The position embedding of timm's random initialisation of ``model`` at its own 518 px (37 x 37)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return timm.create_model(model, pretrained=False, num_classes=0).pos_embed.detach()
+
+
+@pytest.mark.parametrize("model", [SMALL, SMALL_REG4])
+def test_position_embedding_is_resampled_as_the_original_dinov2_code(model):
+    registers = model == SMALL_REG4
+    native = timm_random_pos_embed(model)
+    n_prefix = 0 if registers else 1  # the plain model's embedding starts with the class position
+    assert native.shape[1] == n_prefix + DINOV2_GRID**2
+    for size in (518, 448, 840):
+        grid = size // 14
+        pos_embed = random_vit(model, size=size).model.pos_embed.detach()
+        expected = torch.cat(
+            [native[:, :n_prefix], expected_patch_pos_embed(native[:, n_prefix:], grid, registers=registers)], dim=1
+        )
+        assert pos_embed.shape == (1, n_prefix + grid * grid, 384)
+        torch.testing.assert_close(pos_embed, expected, rtol=0, atol=0)
+    assert torch.equal(random_vit(model, size=518).model.pos_embed, native)  # 518 px: untouched
+
+
+@pytest.mark.parametrize("model", [SMALL, SMALL_REG4])
+def test_timm_position_embedding_is_timms_antialiased_resize(model):
+    registers = model == SMALL_REG4
+    n_prefix = 0 if registers else 1
+    native = timm_random_pos_embed(model)[:, n_prefix:].reshape(1, DINOV2_GRID, DINOV2_GRID, -1)
+    timms = create_backbone(model, weights="random", image_size=840, layer="prenorm", flip=False, pos_embed="timm")
+    resized = F.interpolate(native.permute(0, 3, 1, 2), size=(60, 60), mode="bicubic", antialias=True)
+    torch.testing.assert_close(timms.model.pos_embed[:, n_prefix:], resized.permute(0, 2, 3, 1).reshape(1, 3600, -1))
+    dinov2 = random_vit(model, size=840)
+    # timm resamples register models as the original does, plain models not (no 0.1 offset, antialiased).
+    assert torch.equal(timms.model.pos_embed, dinov2.model.pos_embed) == registers
+    assert (timms.key_params()["pos_embed"], dinov2.key_params()["pos_embed"]) == ("timm", "dinov2")
+    assert timms.key() != dinov2.key()
+
+
+def original_dinov2_tokens(state: dict[str, torch.Tensor], x: torch.Tensor, *, heads: int) -> torch.Tensor:
+    """The original DINOv2 code's ``get_intermediate_layers(x, 1, norm=False)`` patch tokens [B, Hp, Wp, C]
+    of canvases x, computed from a checkpoint in its own layout with the formulas of the paper's ViT:
+    patch embedding, class token, resampled position embedding, register tokens, pre-norm blocks with
+    layer scale (LayerNorm eps 1e-6, softmax attention, GELU MLP)."""
+    batch, dim = len(x), state["cls_token"].shape[-1]
+    tokens = F.conv2d(x, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=14)
+    grid = tokens.shape[-1]
+    tokens = torch.cat([state["cls_token"].expand(batch, -1, -1), tokens.flatten(2).transpose(1, 2)], dim=1)
+    registers = state.get("register_tokens", torch.zeros(1, 0, dim))
+    patch_pos_embed = expected_patch_pos_embed(state["pos_embed"][:, 1:], grid, registers=len(registers[0]) > 0)
+    tokens = tokens + torch.cat([state["pos_embed"][:, :1], patch_pos_embed], dim=1)
+    tokens = torch.cat([tokens[:, :1], registers.expand(batch, -1, -1), tokens[:, 1:]], dim=1)
+    n_tokens = tokens.shape[1]
+    for block in range(sum(key.endswith(".ls1.gamma") for key in state)):
+        p = {key.removeprefix(f"blocks.{block}."): value for key, value in state.items()}
+        h = F.layer_norm(tokens, (dim,), p["norm1.weight"], p["norm1.bias"], eps=1e-6)
+        qkv = F.linear(h, p["attn.qkv.weight"], p["attn.qkv.bias"])
+        q, k, v = qkv.reshape(batch, n_tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        attention = ((q * (dim // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        h = (attention @ v).transpose(1, 2).reshape(batch, n_tokens, dim)
+        tokens = tokens + p["ls1.gamma"] * F.linear(h, p["attn.proj.weight"], p["attn.proj.bias"])
+        h = F.layer_norm(tokens, (dim,), p["norm2.weight"], p["norm2.bias"], eps=1e-6)
+        h = F.linear(
+            F.gelu(F.linear(h, p["mlp.fc1.weight"], p["mlp.fc1.bias"])), p["mlp.fc2.weight"], p["mlp.fc2.bias"]
+        )
+        tokens = tokens + p["ls2.gamma"] * h
+    return tokens[:, 1 + len(registers[0]) :].reshape(batch, grid, grid, dim)
+
+
+@pytest.mark.parametrize("model", [SMALL, SMALL_REG4])
+def test_original_checkpoint_at_840_px_gives_the_original_codes_tokens(model, tmp_path):
+    source = scrambled(random_vit(model, size=518))
+    state = to_original_layout(source.model.state_dict(), depth=12)
+    assert state["pos_embed"].shape[1] == 1 + DINOV2_GRID**2
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(state, path)
+    x = canvases(840, batch=1)
+    loaded = create_backbone(model, weights=str(path), image_size=840, layer="prenorm", flip=False)
+    tokens = loaded(x)
+    with torch.inference_mode():
+        expected = original_dinov2_tokens(state, x, heads=6)
+    assert tokens.shape == expected.shape == (1, 60, 60, 384)
+    torch.testing.assert_close(tokens, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
 
 
 def test_weights_file_with_a_wrong_key_names_the_file_and_the_key(small, tmp_path):
@@ -226,6 +332,7 @@ def test_hub_weights_offline_raise_an_error_that_says_how_to_use_a_local_file(mo
     [
         ("vit_small_patch14_dinov2", {}, r"unknown backbone model '\w+'; valid names: .*lvd142m.*daisy"),
         (SMALL, {"layer": "last"}, r"layer must be one of prenorm, norm; got 'last'"),
+        (SMALL, {"pos_embed": "bilinear"}, r"pos_embed must be one of dinov2, timm; got 'bilinear'"),
         (SMALL, {"image_size": 100}, r"image_size must be a positive multiple of the patch size 14, got 100"),
         (SMALL, {"weights": "hubb"}, r"weights must be 'hub', 'random'.*got 'hubb' \(no such file\)"),
         (SMALL, {"weights": "random:x"}, r"the seed after 'random:' must be a non-negative integer"),

@@ -60,7 +60,7 @@ def test_catalog_params_parse_strictly_with_inf(tmp_path):
     with pytest.raises(CatalogError, match=r"matchers\.wrong\.params\.k: expected an integer, got float 2\.5"):
         parse_params(wrong.matcher("wrong"))
     outside = catalog_with(tmp_path, CATALOG + "  outside: {method: gwot, params: {eps: -1.0}}\n")
-    with pytest.raises(CatalogError, match=r"matchers\.outside\.params\.eps: must be > 0, got -1\.0"):
+    with pytest.raises(CatalogError, match=r"matchers\.outside\.params\.eps: must be a finite number >= 0\.0001 .*, got -1\.0"):
         parse_params(outside.matcher("outside"))
     even = catalog_with(tmp_path, CATALOG + "  even: {method: nn, params: {window: 4}}\n")
     with pytest.raises(CatalogError, match=r"matchers\.even\.params\.window: must be a positive odd number"):
@@ -84,8 +84,9 @@ def test_keys_are_stable_and_change_with_every_ingredient(tmp_path):
     catalog = catalog_with(tmp_path)
     (default,) = resolve_settings(catalog, ["gwot"], [], "store-a")
     canonical = (
-        '{"backbone":"store-a","implementation":1,"method":"gwot","params":{"eps":0.02,"inner_iters":50,'
-        '"inner_tol":0.0001,"k":5,"outer_iters":10,"outer_tol":0.001,"rho":1.0,"w_s":0.1,"w_y":0.1,"window":3}}'
+        '{"backbone":"store-a","implementation":2,"method":"gwot","params":{"eps":0.02,"inner_iters":50,'
+        '"inner_tol":0.0001,"k":5,"k_trg":null,"outer_iters":10,"outer_tol":0.001,"rho":1.0,"w_s":0.1,"w_y":0.1,'
+        '"window":3}}'
     )
     assert default.key == hashlib.sha256(canonical.encode()).hexdigest()[:12]
     assert default.label == "gwot"
@@ -110,9 +111,14 @@ def test_keys_are_stable_and_change_with_every_ingredient(tmp_path):
         ),
         ("gwot.k=3.5", r"--set gwot.k=3.5 \(gwot.k\): expected an integer, got '3.5'"),
         ("nn.temperature=warm", r"\(nn.temperature\): expected a number \(inf allowed\), got 'warm'"),
-        ("gwot.eps=0.1,0", r"--set gwot.eps=0.1,0: gwot\.eps must be > 0, got 0\.0"),
+        ("gwot.eps=0.1,0", r"--set gwot.eps=0.1,0: gwot\.eps must be a finite number >= 0\.0001 .*, got 0\.0"),
         ("gwot.k=4", r"--set gwot.k=4: gwot\.k must be a positive odd neighbourhood size, got 4"),
         ("nn.window=0", r"--set nn.window=0: nn\.window must be a positive odd number of patches, got 0"),
+        ("gwot.w_s=inf", r"--set gwot.w_s=inf: gwot\.w_s must be a finite number >= 0, got inf"),
+        ("gwot.eps=inf", r"--set gwot.eps=inf: gwot\.eps must be a finite number >= 0\.0001 .*, got inf"),
+        ("gwot.eps=nan", r"--set gwot.eps=nan: gwot\.eps must be a finite number >= 0\.0001 .*, got nan"),
+        ("gwot.eps=1e-30", r"--set gwot.eps=1e-30: gwot\.eps must be a finite number >= 0\.0001 .*, got 1e-30"),
+        ("nn.temperature=inf", r"--set nn.temperature=inf: nn\.temperature must be a finite number > 0, got inf"),
         ("gwot=0.1", r"--set gwot=0.1: expected MATCHER.KEY=VALUE\[,VALUE...\]"),
         ("gwot.eps=", r"expected MATCHER.KEY=VALUE"),
     ],
@@ -120,6 +126,16 @@ def test_keys_are_stable_and_change_with_every_ingredient(tmp_path):
 def test_bad_overrides_are_named(tmp_path, override, message):
     with pytest.raises(CatalogError, match=message):
         resolve_settings(catalog_with(tmp_path), ["gwot", "nn"], [override], "store-a")
+
+
+def test_an_optional_parameter_takes_a_value_or_none(tmp_path):
+    settings = resolve_settings(catalog_with(tmp_path), ["gwot"], ["gwot.k_trg=7,none"], "store-a")
+    assert [s.params.k_trg for s in settings] == [7, None]
+    assert [s.label for s in settings] == ["gwot[k_trg=7]", "gwot[k_trg=None]"]
+    with pytest.raises(CatalogError, match=r"\(gwot.k_trg\): expected an integer, got 'big'"):
+        resolve_settings(catalog_with(tmp_path), ["gwot"], ["gwot.k_trg=big"], "store-a")
+    with pytest.raises(CatalogError, match=r"k_trg must be a positive odd neighbourhood size"):
+        resolve_settings(catalog_with(tmp_path), ["gwot"], ["gwot.k_trg=4"], "store-a")
 
 
 def test_an_override_of_an_unselected_or_twice_set_key_is_refused(tmp_path):

@@ -99,6 +99,27 @@ def test_warm_start_from_converged_potentials_needs_few_iterations_and_agrees():
     torch.testing.assert_close(warm.plan, cold.plan, rtol=1e-9, atol=1e-14)
 
 
+def test_each_pair_stops_on_its_own_and_equals_its_solve_alone():
+    cost, src_mass, trg_mass = problem(batch=3, seed=5)
+    cost[1] *= 0.1  # a flat cost converges in fewer iterations
+    init = torch.zeros(3, 12, dtype=torch.float64), torch.zeros(3, 15, dtype=torch.float64)
+    init[0][2] = 0.3  # a warm start that is off for pair 2
+    options = dict(eps=0.02, rho=1.0, max_iter=400, tol=1e-9)
+    batch = sinkhorn_unbalanced(cost, src_mass, trg_mass, init=init, **options)
+    assert len(set(batch.iterations.tolist())) == 3 and batch.iterations.dtype == torch.int64
+    for b in range(3):
+        one = slice(b, b + 1)
+        alone = sinkhorn_unbalanced(
+            cost[one], src_mass[one], trg_mass[one], init=(init[0][one], init[1][one]), **options
+        )
+        torch.testing.assert_close(batch.plan[one], alone.plan, rtol=1e-12, atol=1e-16)
+        torch.testing.assert_close(batch.src_potential[one], alone.src_potential, rtol=1e-12, atol=1e-16)
+        assert batch.iterations[b] == alone.iterations[0] and batch.converged[b] == alone.converged[0]
+    assert batch.converged.all()
+    capped = sinkhorn_unbalanced(cost, src_mass, trg_mass, **options | {"max_iter": 7})
+    assert capped.iterations.tolist() == [7, 7, 7] and not capped.converged.any()
+
+
 def test_mismatched_shapes_are_rejected():
     cost, src_mass, trg_mass = problem()
     with pytest.raises(PipelineError, match=r"expected cost \[B, N, M\], src_mass \[B, N\], trg_mass \[B, M\]; got"):
