@@ -106,8 +106,9 @@ def plot_grouped_bars(
 
 def plot_sweep(table: pd.DataFrame, parameter: str, others: Sequence[str], *, title: str, path: str | Path) -> Path:
     """PCK (percent, per image and per keypoint) against the values of ``parameter``, one pair of lines
-    per combination of the ``others`` swept parameters. Values are placed evenly on the x axis in sorted
-    order (so ``inf`` and booleans plot too). Writes the PNG at ``path`` and returns it."""
+    per combination of the ``others`` swept parameters (one line where both averagings agree). Values are
+    placed evenly on the x axis in sorted order (so ``inf`` and booleans plot too). Writes the PNG at
+    ``path`` and returns it."""
     figure, axes = _figure(title)
     values = sorted(table[parameter].unique())
     where = {value: index for index, value in enumerate(values)}
@@ -117,6 +118,9 @@ def plot_sweep(table: pd.DataFrame, parameter: str, others: Sequence[str], *, ti
         name = ", ".join(f"{other}={key}" for other, key in zip(others, keys, strict=True))
         rows = rows.sort_values(parameter)
         x = [where[value] for value in rows[parameter]]
+        if np.allclose(rows["per_image"], rows["per_keypoint"]):  # one line, not the same line twice
+            axes.plot(x, 100 * rows["per_image"], "o-", label=f"{name} per image = per keypoint".strip())
+            continue
         for column, style in (("per_image", "o-"), ("per_keypoint", "s--")):
             label = f"{name} {column.replace('_', ' ')}".strip()
             axes.plot(x, 100 * rows[column], style, label=label)

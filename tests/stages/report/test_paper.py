@@ -172,3 +172,13 @@ def test_a_demo_report_holds_the_paper_table_and_its_csv(tmp_path):
     expected = pairs.assign(p=pairs["pck"].map(lambda p: p[alpha])).groupby("matcher_label")["p"].mean()
     per_image = csv[csv["averaging"] == "per_image"].set_index("matcher_label")["value"]
     np.testing.assert_allclose(per_image.sort_index(), expected.sort_index())
+
+
+def test_one_table_when_both_averagings_agree(run_folder, tmp_path):
+    run = load_run(run_folder)
+    equal = run.keypoints.groupby(["dataset", "matcher", "pair_id"]).head(1)  # one keypoint per pair
+    pairs = run.pairs.assign(n_kps=run.pairs["n_kps"].clip(upper=1))
+    section, _ = paper.paper_section(tmp_path, pairs, equal, KINDS)
+    captions = [block.caption for block in section.blocks if hasattr(block, "caption")]
+    assert "Paper table, PCK per image = per keypoint (every pair has as many keypoints)" in captions
+    assert not any(caption.startswith("Paper table, PCK per keypoint") for caption in captions)
