@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -188,25 +189,12 @@ def draw_correspondences(
     src_points: np.ndarray,
     pred_points: np.ndarray,
     *,
-    true_points: np.ndarray | None = None,
-    correct: Sequence[bool] | np.ndarray | None = None,
-    title: str | None = None,
-    height: int | None = None,
     path: str | Path,
+    **options: Any,
 ) -> Path:
-    """:func:`correspondence_figure` written as a PNG at ``path`` (pixels one to one with the composition);
-    returns ``path``."""
-    figure = correspondence_figure(
-        src_image,
-        trg_image,
-        src_points,
-        pred_points,
-        true_points=true_points,
-        correct=correct,
-        title=title,
-        height=height,
-    )
-    return save_png(figure, path)
+    """:func:`correspondence_figure` (``options``: its keyword arguments) written as a PNG at ``path``, its
+    pixels one to one with the composed images; returns ``path``."""
+    return save_png(correspondence_figure(src_image, trg_image, src_points, pred_points, **options), path)
 
 
 def forward_warp(src_image: np.ndarray, flow: np.ndarray, trg_height: int, trg_width: int) -> np.ndarray:

@@ -106,8 +106,9 @@ def plot_grouped_bars(
 
 def plot_sweep(table: pd.DataFrame, parameter: str, others: Sequence[str], *, title: str, path: str | Path) -> Path:
     """PCK (percent, per image and per keypoint) against the values of ``parameter``, one pair of lines
-    per combination of the ``others`` swept parameters. Values are placed evenly on the x axis in sorted
-    order (so ``inf`` and booleans plot too). Writes the PNG at ``path`` and returns it."""
+    per combination of the ``others`` swept parameters (one line where both averagings agree). Values are
+    placed evenly on the x axis in sorted order (so ``inf`` and booleans plot too). Writes the PNG at
+    ``path`` and returns it."""
     figure, axes = _figure(title)
     values = sorted(table[parameter].unique())
     where = {value: index for index, value in enumerate(values)}
@@ -117,6 +118,9 @@ def plot_sweep(table: pd.DataFrame, parameter: str, others: Sequence[str], *, ti
         name = ", ".join(f"{other}={key}" for other, key in zip(others, keys, strict=True))
         rows = rows.sort_values(parameter)
         x = [where[value] for value in rows[parameter]]
+        if np.allclose(rows["per_image"], rows["per_keypoint"]):  # one line, not the same line twice
+            axes.plot(x, 100 * rows["per_image"], "o-", label=f"{name} per image = per keypoint".strip())
+            continue
         for column, style in (("per_image", "o-"), ("per_keypoint", "s--")):
             label = f"{name} {column.replace('_', ' ')}".strip()
             axes.plot(x, 100 * rows[column], style, label=label)
@@ -145,4 +149,26 @@ def plot_pair_scatter(
     axes.set_ylim(-2, 102)
     axes.set_aspect("equal")
     axes.legend(fontsize=8, loc="lower right")
+    return _save(figure, path)
+
+
+def plot_sweep_heatmap(
+    table: pd.DataFrame, rows: str, columns: str, value: str, *, title: str, path: str | Path
+) -> Path:
+    """A 2-D sweep as a heatmap: ``value`` (a fraction, shown in % in each cell) of every combination of
+    parameters ``rows`` (y axis) and ``columns`` (x axis), values in sorted order; a missing combination is
+    blank. Writes the PNG at ``path`` and returns it."""
+    grid = table.pivot_table(index=rows, columns=columns, values=value, aggfunc="first").sort_index().sort_index(axis=1)
+    figure, axes = _figure(title)
+    axes.grid(False)
+    image = axes.imshow(100 * grid.to_numpy(dtype=float), cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    for (i, j), cell in np.ndenumerate(grid.to_numpy(dtype=float)):
+        if not np.isnan(cell):
+            colour = "black" if cell > 0.6 else "white"  # readable on viridis' light and dark ends
+            axes.text(j, i, f"{100 * cell:.1f}", ha="center", va="center", fontsize=9, color=colour)
+    axes.set_xticks(range(grid.shape[1]), [str(v) for v in grid.columns])
+    axes.set_yticks(range(grid.shape[0]), [str(v) for v in grid.index])
+    axes.set_xlabel(columns)
+    axes.set_ylabel(rows)
+    figure.colorbar(image, ax=axes, label=f"PCK {value.replace('_', ' ')} (%)")
     return _save(figure, path)

@@ -239,6 +239,9 @@ def _sweep_blocks(folder: Path, sweeps: pd.DataFrame) -> list[Block]:
         for averaging in ("per_image", "per_keypoint"):
             shown[f"PCK@{ALPHA:g} {SHORT[averaging]}"] = sweep[averaging].map(percent)
         blocks.append(Table(shown, f"{dataset}: settings of {method} on {backbone_key}, PCK@{ALPHA:g} (%)"))
+        if len(swept) == 2:
+            blocks.append(_sweep_heatmap(folder, sweep, swept, dataset, backbone_key, method))
+            continue
         for parameter in swept:
             file = f"sweep-{slug(dataset)}-{slug(backbone_key)}-{method}-{slug(parameter)}.png"
             others = [other for other in swept if other != parameter]
@@ -246,6 +249,16 @@ def _sweep_blocks(folder: Path, sweeps: pd.DataFrame) -> list[Block]:
             plots.plot_sweep(sweep, parameter, others, title=title, path=folder / file)
             blocks.append(Picture(file, f"{dataset}: PCK@{ALPHA:g} of {method} against {parameter}"))
     return blocks
+
+
+def _sweep_heatmap(
+    folder: Path, sweep: pd.DataFrame, swept: Sequence[str], dataset: str, backbone_key: str, method: str
+) -> Picture:
+    """A 2-D sweep's PCK@ALPHA per image over its two parameters, as one heatmap."""
+    file = f"sweep-{slug(dataset)}-{slug(backbone_key)}-{method}-heatmap.png"
+    title = f"{dataset}: {method} PCK@{ALPHA:g} per image against {swept[0]} and {swept[1]}"
+    plots.plot_sweep_heatmap(sweep, swept[0], swept[1], "per_image", title=title, path=folder / file)
+    return Picture(file, f"{dataset}: PCK@{ALPHA:g} per image (%) of every {swept[0]} x {swept[1]} setting of {method}")
 
 
 def _settings_section(pairs: pd.DataFrame) -> Section:

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from click.testing import CliRunner
 from matplotlib.figure import Figure
 from PIL import Image
@@ -19,6 +18,7 @@ import pipeline
 from pipeline.cli import cli
 from stages import api
 from stages.report.draw import GAP
+from tests.catalogs import write_demo_catalog
 
 # The target is the astronaut's crop [60, 460) x [40, 340) resized by 0.75 to 300 x 225.
 CROP_X0, CROP_Y0, CROP_X1, CROP_Y1, SCALE = 60, 40, 460, 340, 0.75
@@ -114,16 +114,10 @@ def test_the_package_exports_the_api_and_its_version_and_imports_no_torch():
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> Path:
     """A demo dataset normalised, its DAISY features computed and matched with NN: the catalog's path."""
-    folder = tmp_path_factory.mktemp("demo")
-    body = {
-        "datasets": {"demo": {"kind": "demo", "options": {"n_pairs": 2, "max_side": 128, "n_keypoints": 10}}},
-        "backbones": {"daisy": {"model": "daisy", "weights": "none", "image_size": 112}},
-        "default_backbone": "daisy",
-        "matchers": {"nn": {"method": "nn"}, "gwot": {"method": "gwot", "params": FAST}},
-        "cluster": {"n_workers": 1, "processes": False},
-    }
-    catalog = folder / "catalog.yaml"
-    catalog.write_text(yaml.safe_dump(body))
+    matchers = {"nn": {"method": "nn"}, "gwot": {"method": "gwot", "params": FAST}}
+    catalog = write_demo_catalog(
+        tmp_path_factory.mktemp("demo"), n_pairs=2, max_side=128, n_keypoints=10, matchers=matchers
+    )
     result = CliRunner().invoke(
         cli, ["--catalog", str(catalog), "-q", "run", "--dataset", "demo", "--stage", "download", "--stage",
               "normalize", "--stage", "features", "--stage", "match", "--matcher", "nn"],

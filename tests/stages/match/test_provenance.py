@@ -8,7 +8,6 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
 import pipeline
@@ -18,6 +17,7 @@ from pipeline.cli import cli
 from pipeline.errors import PipelineError
 from pipeline.provenance import git_commit, provenance
 from stages.features import stage as features_stage
+from tests.catalogs import write_demo_catalog
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -36,16 +36,7 @@ def test_provenance_names_the_commit_the_versions_the_device_and_the_date():
 @pytest.fixture(scope="module")
 def matched(tmp_path_factory) -> Path:
     """A demo run matched with NN on DAISY features: its catalog."""
-    folder = tmp_path_factory.mktemp("provenance")
-    catalog = folder / "catalog.yaml"
-    body = {
-        "datasets": {"demo": {"kind": "demo", "options": {"n_pairs": 2, "max_side": 96, "n_keypoints": 6}}},
-        "backbones": {"daisy": {"model": "daisy", "weights": "none", "image_size": 112}},
-        "default_backbone": "daisy",
-        "matchers": {"nn": {"method": "nn"}},
-        "cluster": {"n_workers": 1, "processes": False},
-    }
-    catalog.write_text(yaml.safe_dump(body))
+    catalog = write_demo_catalog(tmp_path_factory.mktemp("provenance"), n_pairs=2, matchers={"nn": {"method": "nn"}})
     result = CliRunner().invoke(cli, ["--catalog", str(catalog), "-q", "run", "--dataset", "demo"])
     assert result.exit_code == 0, result.output
     return catalog

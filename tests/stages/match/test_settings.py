@@ -61,7 +61,9 @@ def test_catalog_params_parse_strictly_with_inf(tmp_path):
     with pytest.raises(CatalogError, match=r"matchers\.wrong\.params\.k: expected an integer, got float 2\.5"):
         parse_params(wrong.matcher("wrong"))
     outside = catalog_with(tmp_path, CATALOG + "  outside: {method: gwot, params: {eps: -1.0}}\n")
-    with pytest.raises(CatalogError, match=r"matchers\.outside\.params\.eps: must be a finite number >= 0\.0001 .*, got -1\.0"):
+    with pytest.raises(
+        CatalogError, match=r"matchers\.outside\.params\.eps: must be a finite number >= 0\.0001 .*, got -1\.0"
+    ):
         parse_params(outside.matcher("outside"))
     even = catalog_with(tmp_path, CATALOG + "  even: {method: nn, params: {window: 4}}\n")
     with pytest.raises(CatalogError, match=r"matchers\.even\.params\.window: must be a positive odd number"):

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from pipeline.cli import cli
 from pipeline.errors import CatalogError
 from stages.match.subsets import Subset, select_pairs
+from tests.catalogs import write_demo_catalog
 
 ROWS = [{"pair_id": f"{i:03d}-{c}", "category": c} for c in ("cat", "dog", "bus") for i in range(10)]
 
@@ -47,15 +47,7 @@ def run_cli(catalog: Path, *args: str):
 
 
 def test_a_quick_run_matches_its_sample_records_it_and_is_never_mixed_with_another(tmp_path):
-    catalog = tmp_path / "catalog.yaml"
-    body = {
-        "datasets": {"demo": {"kind": "demo", "options": {"n_pairs": 6, "max_side": 96, "n_keypoints": 6}}},
-        "backbones": {"daisy": {"model": "daisy", "weights": "none", "image_size": 112}},
-        "default_backbone": "daisy",
-        "matchers": {"nn": {"method": "nn"}},
-        "cluster": {"n_workers": 1, "processes": False},
-    }
-    catalog.write_text(yaml.safe_dump(body))
+    catalog = write_demo_catalog(tmp_path, n_pairs=6, matchers={"nn": {"method": "nn"}})
     prepared = run_cli(catalog, "run", "--stage", "download", "--stage", "normalize", "--stage", "features")
     assert prepared.exit_code == 0, prepared.output
     quick = run_cli(catalog, "run", "--stage", "match", "--max-pairs", "2", "--run", "quick")

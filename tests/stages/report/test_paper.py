@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from pipeline import results
@@ -17,6 +16,7 @@ from pipeline.cli import cli
 from stages.report import paper
 from stages.report.html import Strong, render_html, render_markdown
 from stages.report.tables import load_run
+from tests.catalogs import write_demo_catalog
 
 KINDS = {"spair": "spair", "pfp": "pf-pascal", "willow": "pf-willow", "tss": "tss"}
 SETTINGS = {"aaaaaaaaaaaa": ("nn", "nn"), "bbbbbbbbbbbb": ("gwot[eps=0.05]", "gwot")}
@@ -159,15 +159,7 @@ def test_tables_show_the_best_in_bold_and_the_csv_holds_the_numbers(run_folder, 
 
 
 def test_a_demo_report_holds_the_paper_table_and_its_csv(tmp_path):
-    catalog = tmp_path / "catalog.yaml"
-    body = {
-        "datasets": {"demo": {"kind": "demo", "options": {"n_pairs": 3, "max_side": 96, "n_keypoints": 6}}},
-        "backbones": {"daisy": {"model": "daisy", "weights": "none", "image_size": 112}},
-        "default_backbone": "daisy",
-        "matchers": {"nn": {"method": "nn"}, "gwot": {"method": "gwot", "params": {"outer_iters": 3}}},
-        "cluster": {"n_workers": 1, "processes": False},
-    }
-    catalog.write_text(yaml.safe_dump(body))
+    catalog = write_demo_catalog(tmp_path, n_pairs=3)
     result = CliRunner().invoke(cli, ["--catalog", str(catalog), "-q", "run"])
     assert result.exit_code == 0, result.output
     report = tmp_path / "outputs" / "default" / "report"
@@ -180,3 +172,13 @@ def test_a_demo_report_holds_the_paper_table_and_its_csv(tmp_path):
     expected = pairs.assign(p=pairs["pck"].map(lambda p: p[alpha])).groupby("matcher_label")["p"].mean()
     per_image = csv[csv["averaging"] == "per_image"].set_index("matcher_label")["value"]
     np.testing.assert_allclose(per_image.sort_index(), expected.sort_index())
+
+
+def test_one_table_when_both_averagings_agree(run_folder, tmp_path):
+    run = load_run(run_folder)
+    equal = run.keypoints.groupby(["dataset", "matcher", "pair_id"]).head(1)  # one keypoint per pair
+    pairs = run.pairs.assign(n_kps=run.pairs["n_kps"].clip(upper=1))
+    section, _ = paper.paper_section(tmp_path, pairs, equal, KINDS)
+    captions = [block.caption for block in section.blocks if hasattr(block, "caption")]
+    assert "Paper table, PCK per image = per keypoint (every pair has as many keypoints)" in captions
+    assert not any(caption.startswith("Paper table, PCK per keypoint") for caption in captions)

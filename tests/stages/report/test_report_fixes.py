@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import cli
 from stages.report import plots, tables
+from tests.catalogs import write_demo_catalog
 
 
 def invoke(catalog: Path, *args: str) -> None:
@@ -23,16 +23,7 @@ def invoke(catalog: Path, *args: str) -> None:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     """A demo run matched with nn and gwot, its report built: the catalog."""
-    folder = tmp_path_factory.mktemp("fixes")
-    catalog = folder / "catalog.yaml"
-    body = {
-        "datasets": {"demo": {"kind": "demo", "options": {"n_pairs": 3, "max_side": 96, "n_keypoints": 6}}},
-        "backbones": {"daisy": {"model": "daisy", "weights": "none", "image_size": 112}},
-        "default_backbone": "daisy",
-        "matchers": {"nn": {"method": "nn"}, "gwot": {"method": "gwot", "params": {"outer_iters": 3}}},
-        "cluster": {"n_workers": 1, "processes": False},
-    }
-    catalog.write_text(yaml.safe_dump(body))
+    catalog = write_demo_catalog(tmp_path_factory.mktemp("fixes"), n_pairs=3)
     invoke(catalog, "run")
     return catalog
 
@@ -90,3 +81,16 @@ def test_the_reference_setting_is_the_catalog_default_else_the_best_not_the_firs
     assert tables.reference_settings(pairs, defaults) == {("demo", "daisy-112-0", "gwot"): "k2"}
     plain = sweep_pairs({**sweep, "k4": ("gwot", '{"eps": 0.03}', 0.1)})
     assert tables.reference_settings(plain)[("demo", "daisy-112-0", "gwot")] == "k4"  # labelled as its matcher
+
+
+def test_a_two_parameter_sweep_is_one_heatmap(demo):
+    invoke(demo, "run", "--stage", "match", "--stage", "report", "--matcher", "gwot", "--set", "gwot.eps=0.02,0.05",
+           "--set", "gwot.k=3,5", "--run", "grid")  # fmt: skip
+    report = demo.parent / "outputs" / "grid" / "report"
+    sweeps = sorted(path.name for path in report.glob("sweep-*.png"))
+    assert (
+        len(sweeps) == 1 and sweeps[0].startswith("sweep-demo-daisy-112-") and sweeps[0].endswith("-gwot-heatmap.png")
+    )
+    assert "PCK@0.1 per image (%) of every eps x k setting of gwot" in (report / "report.md").read_text()
+    with Image.open(report / sweeps[0]) as picture:
+        assert picture.size == plots.PIXELS
