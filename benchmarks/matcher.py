@@ -158,21 +158,14 @@ def warped_photo_pck(grid: int) -> dict[str, float]:
     """PCK@0.1 of NN, dense and coarse-to-fine GWOT (defaults) on warped photos with DAISY on a G x G grid."""
     sys.path.insert(0, str(REPO / "tests" / "stages" / "match"))
     import test_quality as quality
-    from skimage import data
 
     from stages.match import transfer_keypoints
 
     quality.GRID = grid
     hits, total = {"nn": 0, "dense": 0, "c2f": 0}, 0
     for seed, name in enumerate(("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry")):
-        original = getattr(data, name)()
-        warped, warped_to_original = quality.smooth_warp(original, seed)
+        original, warped, keypoints, truth = quality.warped_keypoints(name, seed)
         height, width = original.shape[:2]
-        rng = np.random.default_rng(100 + seed)
-        keypoints = rng.uniform([0.2 * width, 0.2 * height], [0.8 * width, 0.8 * height], size=(120, 2))
-        truth = warped_to_original(keypoints)
-        inside = np.all((truth > 5) & (truth < [width - 5, height - 5]), axis=1)
-        keypoints, truth = keypoints[inside][:30], truth[inside][:30]
         src_feats, src_valid, src_transform = quality.daisy_grid(warped)
         trg_feats, trg_valid, trg_transform = quality.daisy_grid(original)
         valid = (src_valid, trg_valid)

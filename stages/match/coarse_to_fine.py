@@ -16,6 +16,7 @@ from stages.match.costs import Grid
 from stages.match.windows import Windows
 
 MIN_COARSE_SIDE = 8  # the coarsest level's smallest grid side (smaller grids are solved densely)
+MIN_SAVING = 8  # windows pay for their gathers and extra levels once the target grid has 8x their patches
 
 
 def pooled_side(side: int) -> int:
@@ -23,9 +24,11 @@ def pooled_side(side: int) -> int:
     return (side + 1) // 2
 
 
-def can_pool(src_grid: Grid, trg_grid: Grid) -> bool:
-    """Whether both grids are large enough for a coarser level."""
-    return min(pooled_side(side) for side in (*src_grid, *trg_grid)) >= MIN_COARSE_SIDE
+def worth_refining(src_grid: Grid, trg_grid: Grid, radius: int) -> bool:
+    """Whether to solve these grids coarse-to-fine: both are large enough for a coarser level, and the
+    windows (side ``2 radius + 1``) are small against the target grid (else the dense solve is faster)."""
+    large = min(pooled_side(side) for side in (*src_grid, *trg_grid)) >= MIN_COARSE_SIDE
+    return large and MIN_SAVING * (2 * radius + 1) ** 2 <= trg_grid[0] * trg_grid[1]
 
 
 def coarse_size(k: int) -> int:

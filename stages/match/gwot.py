@@ -261,7 +261,8 @@ def gwot(
         coarse_to_fine: solve on grids average-pooled by 2 first (recursively, while the pooled grids keep
             sides of at least 8), then at full resolution only within a window of target patches around
             where each source patch's coarse mass went (a sparse plan: O(N K) memory and work instead of
-            O(N M)). Grids too small to pool are solved densely.
+            O(N M)). Grids too small to pool, or with fewer than 8 K target patches, are solved densely
+            (faster there).
         window_radius: the windows' half side in patches (``K = (2 r + 1)^2`` target patches per source
             patch, at most the whole target grid).
         init: starting plan ``[B, N, M]`` (default ``a b^T``); its potentials are not known, so the first
@@ -349,7 +350,7 @@ def _solve(src_feats, trg_feats, src_valid, trg_valid, settings: _Settings, init
     )
     potentials = torch.zeros_like(src_mass), torch.zeros_like(trg_mass)
     coarse = None
-    if settings.coarse_to_fine and init is None and c2f.can_pool(src_grid, trg_grid):
+    if settings.coarse_to_fine and init is None and c2f.worth_refining(src_grid, trg_grid, settings.window_radius):
         coarse_settings = dataclasses.replace(
             settings, k=c2f.coarse_size(settings.k), k_trg=c2f.coarse_size(settings.k_trg)
         )

@@ -198,10 +198,13 @@ def sinkhorn_unbalanced(
         if bool(absorb.any()):
             src_potential = torch.where(absorb[:, None], _absorbed(src_potential, log_u, log_a, eps), src_potential)
             trg_potential = torch.where(absorb[:, None], _absorbed(trg_potential, log_v, log_b, eps), trg_potential)
-            fresh = torch.where(absorb)[0]
-            kernel[fresh] = _scaled_gap(
-                cost[ids[fresh]], src_potential[fresh], trg_potential[fresh], eps, layout.pairs(fresh)
-            ).exp_()
+            if ids.numel() == batch and bool(absorb.all()):  # every pair (e.g. a batch of one): in place
+                _scaled_gap(cost, src_potential, trg_potential, eps, layout, out=kernel).exp_()
+            else:
+                fresh = torch.where(absorb)[0]
+                kernel[fresh] = _scaled_gap(
+                    cost[ids[fresh]], src_potential[fresh], trg_potential[fresh], eps, layout.pairs(fresh)
+                ).exp_()
             log_u = log_u.masked_fill(absorb[:, None], 0.0)
             log_v = log_v.masked_fill(absorb[:, None], 0.0)
         finished = calm | (done_iterations >= max_iter)

@@ -47,22 +47,30 @@ def daisy_grid(image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, CanvasTra
     return descriptors[None], torch.from_numpy(canvas_transform.valid_patches())[None], canvas_transform
 
 
+def warped_keypoints(name: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-image photo ``name`` and its seeded warp, with up to 30 random keypoints in the warped image
+    and where they truly lie in the original: ``(original, warped, keypoints, truth)``."""
+    original = getattr(data, name)()
+    warped, warped_to_original = smooth_warp(original, seed)
+    height, width = original.shape[:2]
+    rng = np.random.default_rng(100 + seed)
+    keypoints = rng.uniform([0.2 * width, 0.2 * height], [0.8 * width, 0.8 * height], size=(120, 2))
+    truth = warped_to_original(keypoints)
+    inside = np.all((truth > 5) & (truth < [width - 5, height - 5]), axis=1)
+    return original, warped, keypoints[inside][:30], truth[inside][:30]
+
+
 def test_gwot_transfers_keypoints_better_than_nearest_neighbours():
     hits = {"nn": 0, "gwot": 0, "gwot-dense": 0}
     total = agree = 0
     for seed, name in enumerate(("astronaut", "chelsea", "coffee")):
-        original = getattr(data, name)()
-        warped, warped_to_original = smooth_warp(original, seed)
+        original, warped, keypoints, truth = warped_keypoints(name, seed)
         height, width = original.shape[:2]
-        rng = np.random.default_rng(100 + seed)
-        keypoints = rng.uniform([0.2 * width, 0.2 * height], [0.8 * width, 0.8 * height], size=(120, 2))
-        truth = warped_to_original(keypoints)
-        inside = np.all((truth > 5) & (truth < [width - 5, height - 5]), axis=1)
-        keypoints, truth = keypoints[inside][:30], truth[inside][:30]
         src_feats, src_valid, src_transform = daisy_grid(warped)
         trg_feats, trg_valid, trg_transform = daisy_grid(original)
         similarity = nn_match(src_feats, trg_feats, src_valid, trg_valid).similarity[0]
-        plan = gwot(src_feats, trg_feats, src_valid, trg_valid).plan[0]
+        # Radius 2: with the default radius 4 a 22 x 22 grid is too small for coarse-to-fine and is solved densely.
+        plan = gwot(src_feats, trg_feats, src_valid, trg_valid, window_radius=2).plan[0]
         dense = gwot(src_feats, trg_feats, src_valid, trg_valid, coarse_to_fine=False).plan[0]
         predictions = {
             "nn": transfer_keypoints(similarity, keypoints, src_transform, trg_transform, temperature=0.02),
@@ -78,4 +86,4 @@ def test_gwot_transfers_keypoints_better_than_nearest_neighbours():
     assert total == 90
     assert hits["gwot"] > hits["nn"] and hits["gwot-dense"] > hits["nn"], hits
     assert hits["gwot"] >= hits["gwot-dense"] - 0.01 * total, hits  # PCK@0.1 of coarse-to-fine >= dense - 0.01
-    assert agree >= 0.8 * total, agree  # measured: 83 of 90
+    assert agree >= 0.8 * total, agree  # measured: 82 of 90 (radius 2)
