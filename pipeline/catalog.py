@@ -36,6 +36,7 @@ class Source:
     extract: bool = True
     max_ratio: float | None = None  # extraction refuses more than this times the archive's size (default 100)
     max_extracted_bytes: int | None = None  # ... or more than this in all (default 200 GiB)
+    read_timeout: float = 60.0  # seconds without a byte before a transfer is resumed from where it stopped
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def backbone_lines(catalog: Catalog) -> Iterator[str]:
 
 def matcher_lines(catalog: Catalog) -> Iterator[str]:
     """One line per catalog matcher: every parameter's value, ``(default X)`` where the catalog changes it."""
-    from stages.match.settings import PARAMS, parse_params  # imports torch
+    from stages.matcher_params import PARAMS, parse_params
 
     rows = []
     for name, spec in catalog.matchers.items():

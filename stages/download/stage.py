@@ -107,7 +107,7 @@ def _obtain(source: Source, archive: Path, given: Path | None, options: RunOptio
     network.
     """
     if given is None and (options.force or not archive.is_file()):
-        fetch(source, archive.parent, progress=options.progress)
+        fetch(source, archive.parent, progress=options.progress, timeout=source.read_timeout)
         return file_sha256(archive), "fetched"
     try:
         if given is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -207,3 +208,24 @@ def test_an_interrupted_creation_is_redone(tmp_path):
         FeatureStore.open(path)
     store = create(path, 3)
     assert store.missing_shards() == [(0, range(0, 2)), (1, range(2, 3))]
+
+
+@pytest.mark.parametrize("shard", [1, 2])  # a full shard, and the last one (partly outside the array)
+def test_a_damaged_shard_index_is_set_aside_when_the_shard_is_rewritten(tmp_path, shard):
+    path = tmp_path / "s.zarr"
+    write_missing(create(path, 5))
+    data = bytearray(shard_file(path, shard).read_bytes())
+    data[-6] ^= 0xFF  # inside the index at the end of the shard file
+    shard_file(path, shard).write_bytes(bytes(data))
+    store = FeatureStore.open(path)
+    rows = store.shards()[shard][1]
+    store.write_shard(shard, *features(rows, seed=1))  # what --force does: no loop on the damaged index
+    aside = shard_file(path, shard).with_name(f".{shard_file(path, shard).name}.damaged")
+    assert aside.read_bytes() == bytes(data)
+    np.testing.assert_allclose(store.read(list(rows))[0], features(rows, seed=1)[0], atol=1e-3)
+    assert store.verify() == []
+
+
+def test_a_pickled_corrupt_features_error_keeps_its_shard():
+    error = pickle.loads(pickle.dumps(CorruptFeaturesError("s.zarr: image 'a' (shard 3) fails", 3)))
+    assert (str(error), error.shard) == ("s.zarr: image 'a' (shard 3) fails", 3)

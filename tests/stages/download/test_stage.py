@@ -257,3 +257,12 @@ def test_remote_data_root_is_refused(tmp_path):
     ctx = StageContext(load_catalog(tmp_path / "catalog.yaml", environ={}), ("demo",), QUIET)
     with pytest.raises(StageError, match=r"stores.data_root is 's3://bucket/data'; set it \(or PIPELINE_DATA_ROOT\)"):
         status(ctx, "demo")
+
+
+def test_a_stalled_download_resumes_after_the_catalog_read_timeout(server, tmp_path):
+    server.files[f"/{ZIP_NAME}"] = ZIP
+    server.faults[f"/{ZIP_NAME}"] = ["stall"]
+    source = _source(server.url(f"/{ZIP_NAME}"), ZIP, ZIP_NAME, read_timeout=0.5)
+    run(_context(tmp_path, {"tss": {"kind": "tss", "sources": [source]}}))
+    assert [r[2] for r in server.requests] == [None, f"bytes={len(ZIP) // 2}-"]
+    assert (tmp_path / "data" / "raw" / "tss" / "downloads" / ZIP_NAME).read_bytes() == ZIP
