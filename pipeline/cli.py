@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import sys
 from collections import defaultdict
@@ -201,7 +202,12 @@ def list_command(ctx: click.Context, sections: tuple[str, ...]) -> None:
     """List the catalog's datasets, backbones, matchers (parameters and defaults) and the runs in <outputs>."""
     from pipeline.listing import listing
 
-    for line in listing(load_catalog(ctx.obj["catalog_path"]), sections):
+    def matcher_params(spec):  # imports torch: only for the matchers section
+        from stages.matcher_params import PARAMS, parse_params
+
+        return dataclasses.asdict(parse_params(spec)), dataclasses.asdict(PARAMS[spec.method]())
+
+    for line in listing(load_catalog(ctx.obj["catalog_path"]), matcher_params, sections):
         click.echo(line)
 
 
