@@ -202,7 +202,7 @@ def list_command(ctx: click.Context, sections: tuple[str, ...]) -> None:
     """List the catalog's datasets, backbones, matchers (parameters and defaults) and the runs in <outputs>."""
     from pipeline.listing import listing
 
-    def matcher_params(spec):  # imports torch: only for the matchers section
+    def matcher_params(spec):  # the parameter classes live in stages/: imported only for this section
         from stages.matcher_params import PARAMS, parse_params
 
         return dataclasses.asdict(parse_params(spec)), dataclasses.asdict(PARAMS[spec.method]())
