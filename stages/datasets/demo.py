@@ -238,7 +238,7 @@ def textured_keypoints(
     smaller part of the source, with its corners as far apart in the target as usual)."""
     gray = src.astype(np.float64).mean(axis=2) / 255.0
     safe = ndimage.binary_erosion(valid, iterations=KEYPOINT_MARGIN, border_value=0)
-    min_distance = max(2, round(max(src.shape[:2]) / 40 / max(zoom, 1.0)))
+    min_distance = max(2, int(max(src.shape[:2]) / 40 / max(zoom, 1.0)))
     corners = corner_peaks(corner_harris(gray), min_distance=min_distance, threshold_rel=0.01, labels=safe)
     if len(corners) < count:
         return None

@@ -22,7 +22,7 @@ from pipeline.cache import stable_hash
 from pipeline.catalog import Catalog, MatcherSpec
 from pipeline.config import from_mapping
 from pipeline.errors import CatalogError, PipelineError
-from stages.match import gwot
+from stages.match.robust import robust_gwot
 
 
 @dataclass(frozen=True)
@@ -33,11 +33,17 @@ class NNParams:
     window: int = 3
     temperature: float = 0.02
 
+    @property
+    def needs_flipped(self) -> bool:
+        """NN reads no mirrored features."""
+        return False
+
 
 @dataclass(frozen=True)
 class GWOTParams:
-    """The keyword arguments of :func:`stages.match.gwot` (same names, same defaults: a test pins them),
-    plus the plan readout's ``window`` (soft-argmax over the plan's mass near its mode)."""
+    """The keyword arguments of :func:`stages.match.gwot` and of the flip/scale options of
+    :func:`stages.match.robust.robust_gwot` (same names, same defaults: a test pins them), plus the plan
+    readout's ``window`` (soft-argmax over the plan's mass near its mode)."""
 
     eps: float = 0.02
     w_s: float = 0.1
@@ -49,11 +55,20 @@ class GWOTParams:
     inner_iters: int = 50
     outer_tol: float = 1e-3
     inner_tol: float = 1e-4
+    flip: str = "off"
+    flip_margin: float = 0.02
+    scale: str = "off"
+    scale_rho: float = 0.1
     window: int = 3
 
     def solver_kwargs(self) -> dict[str, Any]:
-        """The parameters :func:`stages.match.gwot` takes (all but the readout's)."""
+        """The parameters :func:`stages.match.robust.robust_gwot` takes (all but the readout's)."""
         return {name: value for name, value in asdict(self).items() if name != "window"}
+
+    @property
+    def needs_flipped(self) -> bool:
+        """Whether the setting reads the mirrored images' features (a backbone with ``flip: true``)."""
+        return self.flip != "off"
 
 
 PARAMS: dict[str, type[NNParams] | type[GWOTParams]] = {"nn": NNParams, "gwot": GWOTParams}
@@ -128,20 +143,22 @@ def _check_domain(params: Params, where: str) -> None:
     # The solver owns its domain checks: a one-patch problem runs them in microseconds.
     one_patch = torch.ones(1, 1, 1, 1)
     try:
-        gwot(one_patch, one_patch, **params.solver_kwargs())
+        robust_gwot(one_patch, one_patch, src_flipped=one_patch, **params.solver_kwargs())
     except PipelineError as error:
         raise CatalogError(f"{where}: {error}") from None
 
 
 def _parse_value(hint: Any, text: str, where: str) -> Any:
     """A ``--set`` value as the field's type: numbers (``inf``/``.inf`` too for floats), ``true``/``false``,
-    ``none`` for an optional field."""
+    ``none`` for an optional field, text as it is (a mode such as ``auto``; the solver checks it)."""
     text = text.strip()
     optional = typing.get_args(hint)
     if type(None) in optional:
         if text.lower() in ("none", "null"):
             return None
         (hint,) = (option for option in optional if option is not type(None))
+    if hint is str:
+        return text
     try:
         if hint is bool:
             return {"true": True, "false": False}[text.lower()]

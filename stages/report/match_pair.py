@@ -142,8 +142,8 @@ def match_pair(
     points = check_points(points, src_width, src_height, src_path)
 
     device = device or _default_device()
-    # The matchers read no mirrored features: compute none, whatever the catalog's `flip`.
-    spec = dataclasses.replace(backbone, flip=False)
+    # Mirrored features only for flip-aware matchers, whatever the catalog's `flip`.
+    spec = dataclasses.replace(backbone, flip=any(params.needs_flipped for _, params in parsed.values()))
     model = create_backbone(spec.model, **backbone_options(spec), device=device)
     # The features stage would store these very tokens (float16, as here) under this key and parameters.
     params = store_params(spec, device)
@@ -154,6 +154,9 @@ def match_pair(
     ]
     features = shard_features([src_image, trg_image], transforms, model, batch_size=spec.batch_size)
     tokens = torch.from_numpy(features.tokens.astype(np.float32)).to(device)
+    flipped = None
+    if features.tokens_flipped is not None:
+        flipped = torch.from_numpy(features.tokens_flipped[:1].astype(np.float32)).to(device)
     valid = torch.from_numpy(features.valid).to(device)
 
     stem = f"{src_path.stem}-{trg_path.stem}"
@@ -161,7 +164,7 @@ def match_pair(
     pictures, predictions, records = {}, {}, {}
     for name, (matcher, matcher_params) in parsed.items():
         setting = MatcherSetting(name=name, method=matcher.method, params=matcher_params, backbone_key=store_key)
-        scores = solve(setting, tokens[:1], tokens[1:], valid[:1], valid[1:])[0]
+        scores = solve(setting, tokens[:1], tokens[1:], valid[:1], valid[1:], flipped).scores[0]
         predicted = transfer_keypoints(scores, points, *transforms, **readout_options(setting))
         predictions[name] = predicted
         title = f"{name} ({matcher.method}) on {backbone.name}{random_tag}"
