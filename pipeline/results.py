@@ -63,6 +63,14 @@ PAIRS_SCHEMA = pa.schema(
         pa.field("group", pa.string()),  # TSS: <subset>/<pair folder>
         pa.field("flow_accuracy", pa.list_(pa.float64())),  # [50] at T1..T50; null: no ground-truth flow
         pa.field("solve_seconds", pa.float64(), nullable=False),  # the batch's solve time / its pairs
+        pa.field("variant", pa.string()),  # demo: normal | mirrored | smaller | larger; null elsewhere
+        # flip/scale-aware GWOT (stages.match.robust); null for NN
+        pa.field("orientation", pa.string()),  # the source orientation kept: original | mirrored
+        pa.field("objective_original", pa.float64()),  # converged objective of the original orientation
+        pa.field("objective_mirrored", pa.float64()),  # ... of the mirrored one; null without flip
+        pa.field("scale_estimate", pa.float64()),  # estimated target / source object scale; null without scale
+        pa.field("k_src", pa.int32()),  # neighbourhood sizes of the spatial term
+        pa.field("k_trg", pa.int32()),
     ]
 )
 

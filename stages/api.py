@@ -149,6 +149,7 @@ class PairFeatures:
     backbone_key: str  # the feature store's key (model, canvas, weights identity, parameter hash)
     backbone_params: dict[str, Any]  # everything that changes the tokens (the store's key parameters)
     random_weights: bool  # True: features of an untrained network, meaningless
+    src_flipped: np.ndarray | None = None  # [1, Hp, Wp, C] the mirrored source image's tokens (flip-aware GWOT)
 
 
 @dataclass(frozen=True)
@@ -207,9 +208,12 @@ def load_backbone(spec: BackboneSpec, device: str) -> Backbone:
     return create_backbone(spec.model, **backbone_options(spec), device=device)
 
 
-def image_features(src_image: np.ndarray, trg_image: np.ndarray, spec: BackboneSpec, device: str) -> PairFeatures:
-    """Tokens of two [H, W, 3] uint8 images as the features stage computes and stores them (float16)."""
-    spec = replace(spec, flip=False)  # the matchers read no mirrored features
+def image_features(
+    src_image: np.ndarray, trg_image: np.ndarray, spec: BackboneSpec, device: str, *, flip: bool = False
+) -> PairFeatures:
+    """Tokens of two [H, W, 3] uint8 images as the features stage computes and stores them (float16);
+    ``flip``: also the mirrored source image's, which flip-aware matchers read."""
+    spec = replace(spec, flip=flip)
     model = load_backbone(spec, device)
     transforms = tuple(
         CanvasTransform.fit(image.shape[1], image.shape[0], spec.image_size, model.patch_size)
@@ -225,6 +229,7 @@ def image_features(src_image: np.ndarray, trg_image: np.ndarray, spec: BackboneS
         backbone_key=backbone_key(params),
         backbone_params=params,
         random_weights=model.random_weights,
+        src_flipped=None if features.tokens_flipped is None else features.tokens_flipped[:1],
     )
 
 
@@ -252,7 +257,15 @@ def match_features(
     device = torch.device(device or default_device())
     tokens = torch.from_numpy(features.tokens.astype(np.float32)).to(device)
     valid = torch.from_numpy(features.valid).to(device)
-    scores = solve(setting, tokens[:1], tokens[1:], valid[:1], valid[1:])[0]
+    src_flipped = None
+    if setting.params.needs_flipped:
+        if features.src_flipped is None:
+            raise InputError(
+                f"matcher {setting.label!r} is flip-aware and needs the mirrored source image's features; "
+                "they were not computed (a catalog backbone with flip: true stores them)"
+            )
+        src_flipped = torch.from_numpy(features.src_flipped.astype(np.float32)).to(device)
+    scores = solve(setting, tokens[:1], tokens[1:], valid[:1], valid[1:], src_flipped).scores[0]
     predictions = transfer_keypoints(scores, points, *features.canvases, **readout_options(setting))
     return Match(
         src_image=src_image,
@@ -300,7 +313,8 @@ def match_images(
     what = str(img0) if isinstance(img0, (str, Path)) else "img0"
     points = point_grid(width, height, grid_points) if points is None else check_points(points, width, height, what)
     device = device or default_device()
-    features = image_features(src_image, trg_image, spec, device)
+    needs_flipped = setting_for(matcher, params, "").params.needs_flipped
+    features = image_features(src_image, trg_image, spec, device, flip=needs_flipped)
     setting = setting_for(matcher, params, features.backbone_key)
     return match_features(features, setting, src_image, trg_image, points, device=device)
 
@@ -348,6 +362,7 @@ def _pair_features(catalog: Catalog, dataset: str, backbone: BackboneLike, image
     spec = backbone_spec(catalog, backbone)
     store = open_features(catalog, dataset, spec.name)
     tokens, valid = store.read(image_ids)
+    src_flipped = store.read(image_ids[:1], flipped=True)[0] if store.flipped else None
     rows = store.rows_for(image_ids)
     return PairFeatures(
         tokens=tokens,
@@ -357,6 +372,7 @@ def _pair_features(catalog: Catalog, dataset: str, backbone: BackboneLike, image
         backbone_key=store_key(store),
         backbone_params=store.backbone_params,
         random_weights=store.random_weights,
+        src_flipped=src_flipped,
     )
 
 

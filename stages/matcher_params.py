@@ -44,13 +44,16 @@ class NNParams:
     window: int = 3
     temperature: float = 0.02
 
+    needs_flipped: ClassVar[bool] = False  # NN reads no mirrored features
+
     DOMAIN: ClassVar[dict[str, Rule]] = {"window": PATCH_WINDOW, "temperature": POSITIVE}
 
 
 @dataclass(frozen=True)
 class GWOTParams:
-    """The keyword arguments of :func:`stages.match.gwot` (same names, same defaults: a test pins them),
-    plus the plan readout's ``window`` (soft-argmax over the plan's mass near its mode)."""
+    """The keyword arguments of :func:`stages.match.gwot` and the flip/scale options of
+    :func:`stages.match.robust.robust_gwot` (same names, same defaults: a test pins them), plus the plan
+    readout's ``window`` (soft-argmax over the plan's mass near its mode)."""
 
     eps: float = 0.02
     w_s: float = 0.1
@@ -64,6 +67,10 @@ class GWOTParams:
     inner_tol: float = 1e-4
     coarse_to_fine: bool = True
     window_radius: int = 4
+    flip: str = "off"
+    flip_margin: float = 0.02
+    scale: str = "off"
+    scale_rho: float = 0.1
     window: int = 3
 
     DOMAIN: ClassVar[dict[str, Rule]] = {
@@ -79,12 +86,21 @@ class GWOTParams:
         "inner_tol": NON_NEGATIVE,
         "coarse_to_fine": (lambda value: isinstance(value, bool), "must be true or false"),
         "window_radius": (AT_LEAST_ONE[0], "must be >= 1 (target patches around the coarse match)"),
+        "flip": (lambda value: value in ("off", "auto"), "must be off or auto"),
+        "flip_margin": NON_NEGATIVE,
+        "scale": (lambda value: value in ("off", "auto"), "must be off or auto"),
+        "scale_rho": (lambda value: value > 0, "must be > 0 (inf: hard marginals)"),
         "window": PATCH_WINDOW,
     }
 
     def solver_kwargs(self) -> dict[str, Any]:
-        """The parameters :func:`stages.match.gwot` takes (all but the readout's)."""
+        """The parameters :func:`stages.match.robust.robust_gwot` takes (all but the readout's)."""
         return {name: value for name, value in asdict(self).items() if name != "window"}
+
+    @property
+    def needs_flipped(self) -> bool:
+        """Whether the setting reads the mirrored images' features (a backbone with ``flip: true``)."""
+        return self.flip != "off"
 
 
 PARAMS: dict[str, type[NNParams] | type[GWOTParams]] = {"nn": NNParams, "gwot": GWOTParams}
@@ -128,13 +144,15 @@ def parse_params(spec: MatcherSpec, overrides: Mapping[str, Any] | None = None, 
 
 def _parse_value(hint: Any, text: str, where: str) -> Any:
     """A ``--set`` value as the field's type: numbers (``inf``/``.inf`` too for floats), ``true``/``false``,
-    ``none`` for an optional field."""
+    ``none`` for an optional field, text as it is (a mode such as ``auto``; its domain rule checks it)."""
     text = text.strip()
     options = typing.get_args(hint)
     if type(None) in options:
         if text.lower() in ("none", "null"):
             return None
         (hint,) = (option for option in options if option is not type(None))
+    if hint is str:
+        return text
     try:
         if hint is bool:
             return {"true": True, "false": False}[text.lower()]

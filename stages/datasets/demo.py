@@ -8,7 +8,8 @@ Warp and flow convention (exact by construction):
 - Each pair has a forward map ``W`` from source to target pixels, defined analytically by :class:`Warp`:
   ``W(p) = c + t + L (p + d(p) - c)`` with ``c`` the image centre, ``t`` a translation,
   ``L = R(rotation) diag(scale) F`` (``F`` a horizontal flip about the centre for mirrored pairs, else
-  identity) and ``d`` a low-frequency displacement ``d(p) = sum_m a_m sin(w_m . p + phi_m)`` whose Lipschitz
+  identity; ``diag(scale)`` about 0.5 for the ``smaller`` pairs' targets, about 2 for the ``larger`` ones')
+  and ``d`` a low-frequency displacement ``d(p) = sum_m a_m sin(w_m . p + phi_m)`` whose Lipschitz
   bound ``sum_m |a_m| |w_m|`` is kept below :data:`LIPSCHITZ_BOUND` < 1, so ``W`` is a diffeomorphism.
 - The ground truth is the analytic forward map: ``flow/<pair>.flo`` lives on the source grid with
   ``p_trg = p_src + flow[p_src]`` (TSS convention), 1e10 where ``W(p)`` leaves the target's pixel-centre
@@ -71,6 +72,8 @@ class Options:
     seed: int = 0
     max_side: int = 320  # photos are downscaled so their long side is at most this
     mirrored_fraction: float = 0.25  # spread evenly: 0.25 mirrors pairs 3, 7, 11, ...
+    smaller_fraction: float = 0.25  # target object at ~0.5x: pairs 1, 5, 9, ... at 0.25
+    larger_fraction: float = 0.25  # target object at ~2x: pairs 2, 6, 10, ... at 0.25
     n_keypoints: int = 20
 
 
@@ -82,6 +85,8 @@ def parse_options(spec: DatasetSpec) -> Options:
         "n_pairs": (options.n_pairs >= 1, ">= 1"),
         "max_side": (options.max_side >= 32, ">= 32"),
         "mirrored_fraction": (0.0 <= options.mirrored_fraction <= 1.0, "in [0, 1]"),
+        "smaller_fraction": (0.0 <= options.smaller_fraction <= 1.0, "in [0, 1]"),
+        "larger_fraction": (0.0 <= options.larger_fraction <= 1.0, "in [0, 1]"),
         "n_keypoints": (options.n_keypoints >= 1, ">= 1"),
     }
     for key, (ok, expected) in limits.items():
@@ -154,8 +159,9 @@ class Warp:
         raise RuntimeError(f"warp inversion did not reach {tol} px in {max_iter} iterations (last step {step:.2e})")
 
 
-def random_warp(rng: np.random.Generator, width: int, height: int, *, mirrored: bool) -> Warp:
-    """Draw a warp for a ``width`` x ``height`` image: rotation, anisotropic scale, shift, sine modes."""
+def random_warp(rng: np.random.Generator, width: int, height: int, *, mirrored: bool, zoom: float = 1.0) -> Warp:
+    """Draw a warp for a ``width`` x ``height`` image: rotation, anisotropic scale (times ``zoom``), shift,
+    sine modes."""
     side = max(width, height)
     mode_angles = rng.uniform(0.0, 2 * np.pi, N_MODES)
     cycles = rng.uniform(*CYCLES_RANGE, N_MODES)
@@ -168,7 +174,7 @@ def random_warp(rng: np.random.Generator, width: int, height: int, *, mirrored: 
     return Warp(
         centre=((width - 1) / 2, (height - 1) / 2),
         rotation_deg=float(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG)),
-        scale=tuple(float(s) for s in rng.uniform(*SCALE_RANGE, 2)),
+        scale=tuple(float(s) * zoom for s in rng.uniform(*SCALE_RANGE, 2)),
         translation=tuple(float(v) for v in rng.uniform(-MAX_TRANSLATION, MAX_TRANSLATION, 2) * (width, height)),
         mirrored=mirrored,
         amplitudes=tuple(tuple(float(v) for v in row) for row in amplitudes),
@@ -196,24 +202,43 @@ def source_flow(warp: Warp, width: int, height: int) -> np.ndarray:
     return flow.reshape(height, width, 2).astype(np.float32)
 
 
+def antialiasing_sigma(warp: Warp) -> float:
+    """The Gaussian blur (source pixels) that a warp shrinking the source needs before sampling:
+    ``(1 / s - 1) / 2`` for its smallest scale ``s`` (as scikit-image's ``rescale``), 0 when it enlarges."""
+    return max(0.0, (1 / min(warp.scale) - 1) / 2)
+
+
 def render_target(src: np.ndarray, warp: Warp) -> np.ndarray:
-    """The target image [H, W, 3] uint8: the source sampled (cubic spline) at ``W^-1(q)`` of each pixel."""
+    """The target image [H, W, 3] uint8: the source, blurred by :func:`antialiasing_sigma`, sampled (cubic
+    spline) at ``W^-1(q)`` of each pixel."""
     height, width = src.shape[:2]
     preimages = warp.inverse(pixel_grid(width, height))
     coords = preimages[:, ::-1].T  # (row, col) order for map_coordinates
+    sigma = antialiasing_sigma(warp)
     channels = [
-        ndimage.map_coordinates(src[..., c].astype(np.float64), coords, order=3, mode="nearest") for c in range(3)
+        ndimage.map_coordinates(
+            ndimage.gaussian_filter(src[..., c].astype(np.float64), sigma, mode="nearest"),
+            coords,
+            order=3,
+            mode="nearest",
+        )
+        for c in range(3)
     ]
     colours = np.clip(np.rint(np.stack(channels, 1)), 0, 255)
     colours[~_inside(preimages, width, height)] = BACKGROUND
     return colours.reshape(height, width, 3).astype(np.uint8)
 
 
-def textured_keypoints(src: np.ndarray, valid: np.ndarray, rng: np.random.Generator, count: int) -> np.ndarray | None:
-    """``count`` [K, 2] Harris corners of ``src`` amid valid flow, jittered sub-pixel; None if too few."""
+def textured_keypoints(
+    src: np.ndarray, valid: np.ndarray, rng: np.random.Generator, count: int, *, zoom: float = 1.0
+) -> np.ndarray | None:
+    """``count`` [K, 2] Harris corners of ``src`` amid valid flow, jittered sub-pixel; None if too few.
+
+    Corners are at least 1/40 of the long side apart, divided by ``zoom`` > 1 (a zoomed-in target shows a
+    smaller part of the source, with its corners as far apart in the target as usual)."""
     gray = src.astype(np.float64).mean(axis=2) / 255.0
     safe = ndimage.binary_erosion(valid, iterations=KEYPOINT_MARGIN, border_value=0)
-    min_distance = max(2, max(src.shape[:2]) // 40)
+    min_distance = max(2, int(max(src.shape[:2]) / 40 / max(zoom, 1.0)))
     corners = corner_peaks(corner_harris(gray), min_distance=min_distance, threshold_rel=0.01, labels=safe)
     if len(corners) < count:
         return None
@@ -221,7 +246,8 @@ def textured_keypoints(src: np.ndarray, valid: np.ndarray, rng: np.random.Genera
     return chosen + rng.uniform(-0.5, 0.5, chosen.shape)
 
 
-def _load_photo(name: str, max_side: int) -> np.ndarray:
+def load_photo(name: str, max_side: int) -> np.ndarray:
+    """The photo ``name`` of :data:`PHOTOS`, downscaled (antialiased) so that its long side is at most ``max_side``."""
     photo = PHOTOS[name]()
     height, width = photo.shape[:2]
     factor = min(1.0, max_side / max(height, width))
@@ -232,9 +258,42 @@ def _load_photo(name: str, max_side: int) -> np.ndarray:
     return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
 
 
-def _is_mirrored(index: int, fraction: float) -> bool:
-    # Spreads the mirrored pairs evenly and keeps pair i's content independent of n_pairs.
+VARIANTS = {"normal": (False, 1.0), "mirrored": (True, 1.0), "smaller": (False, 0.5), "larger": (False, 2.0)}
+"""A pair's variant: whether its target is mirrored, and the zoom of its target object."""
+
+
+def _is_spread(index: int, fraction: float) -> bool:
+    # Spreads a fraction of the pairs evenly and keeps pair i's variant independent of n_pairs.
     return int((index + 1) * fraction) > int(index * fraction)
+
+
+def pair_variant(index: int, options: Options) -> str:
+    """Pair ``index``'s variant (a key of :data:`VARIANTS`): mirrored, smaller, larger (each spread evenly
+    at its fraction, offset so that at 0.25 they take pairs 3, 1 and 2 of every 4; the first listed wins
+    where fractions overlap), else normal."""
+    for variant, fraction, offset in (
+        ("mirrored", options.mirrored_fraction, 0),
+        ("smaller", options.smaller_fraction, 2),
+        ("larger", options.larger_fraction, 1),
+    ):
+        if _is_spread(index + offset, fraction):
+            return variant
+    return "normal"
+
+
+def draw_pair(
+    src: np.ndarray, rng: np.random.Generator, *, mirrored: bool, zoom: float, n_keypoints: int
+) -> tuple[Warp, np.ndarray, np.ndarray] | None:
+    """A warp of ``src`` with its source flow and ``n_keypoints`` textured keypoints amid valid flow, drawn
+    from ``rng``; None when no draw of :data:`MAX_WARP_DRAWS` leaves enough keypoints."""
+    height, width = src.shape[:2]
+    for _ in range(MAX_WARP_DRAWS):
+        warp = random_warp(rng, width, height, mirrored=mirrored, zoom=zoom)
+        flow = source_flow(warp, width, height)
+        src_kps = textured_keypoints(src, flow_validity(flow), rng, n_keypoints, zoom=zoom)
+        if src_kps is not None:
+            return warp, flow, src_kps
+    return None
 
 
 def pair_files(pair_id: str) -> dict[str, str]:
@@ -258,27 +317,25 @@ def materialize(raw_dir: Path, spec: DatasetSpec) -> None:
     for folder in ("images", "masks", "flow"):
         (raw_dir / folder).mkdir(parents=True, exist_ok=True)
     names = list(PHOTOS)
-    photos = {name: _load_photo(name, options.max_side) for name in names[: options.n_pairs]}
+    photos = {name: load_photo(name, options.max_side) for name in names[: options.n_pairs]}
     records = []
     for index in range(options.n_pairs):
         category = names[index % len(names)]
         pair_id = f"{index:03d}-{category}"
         src = photos[category]
-        height, width = src.shape[:2]
-        mirrored = _is_mirrored(index, options.mirrored_fraction)
-        rng = np.random.default_rng([options.seed, index])
-        for _ in range(MAX_WARP_DRAWS):
-            warp = random_warp(rng, width, height, mirrored=mirrored)
-            flow = source_flow(warp, width, height)
-            src_kps = textured_keypoints(src, flow_validity(flow), rng, options.n_keypoints)
-            if src_kps is not None:
-                break
-        else:
+        variant = pair_variant(index, options)
+        mirrored, zoom = VARIANTS[variant]
+        drawn = draw_pair(
+            src, np.random.default_rng([options.seed, index]), mirrored=mirrored, zoom=zoom,
+            n_keypoints=options.n_keypoints,
+        )  # fmt: skip
+        if drawn is None:
             raise CatalogError(
-                f"datasets.{spec.name}.options.n_keypoints: {category} has fewer than {options.n_keypoints} "
-                f"textured points with valid flow after {MAX_WARP_DRAWS} warps; "
+                f"datasets.{spec.name}.options.n_keypoints: {category} ({variant}) has fewer than "
+                f"{options.n_keypoints} textured points with valid flow after {MAX_WARP_DRAWS} warps; "
                 "lower n_keypoints or raise max_side"
             )
+        warp, flow, src_kps = drawn
         files = pair_files(pair_id)
         Image.fromarray(src).save(raw_dir / files["src"])
         Image.fromarray(render_target(src, warp)).save(raw_dir / files["trg"])
@@ -289,6 +346,7 @@ def materialize(raw_dir: Path, spec: DatasetSpec) -> None:
                 "pair_id": pair_id,
                 "category": category,
                 "mirrored": mirrored,
+                "variant": variant,
                 "warp": asdict(warp),
                 "src_kps": as_points(src_kps),
                 "trg_kps": as_points(warp.forward(src_kps)),
@@ -303,6 +361,18 @@ def _checked_size(raw_dir: Path, relative: str, expected: tuple[int, int] | None
     if expected is not None and size != expected:
         raise DataError(raw_dir / relative, f"is {size[0]}x{size[1]}, expected {expected[0]}x{expected[1]}")
     return size
+
+
+def _checked_variant(record: dict[str, Any], annotations: Path) -> str:
+    """The pair's variant; DataError for one that is missing (a demo written before variants) or unknown."""
+    variant = record.get("variant")
+    if variant not in VARIANTS:
+        raise DataError(
+            annotations,
+            f"{record['pair_id']}: variant {variant!r} is not one of {', '.join(VARIANTS)}; "
+            "regenerate the demo with `pipeline run --stage download --dataset demo --force`",
+        )
+    return variant
 
 
 def normalize(raw_dir: Path, spec: DatasetSpec, bad: BadItems) -> tuple[pa.Table, pa.Table]:
@@ -360,6 +430,7 @@ def normalize(raw_dir: Path, spec: DatasetSpec, bad: BadItems) -> tuple[pa.Table
                     "kps_ids": list(range(len(src_kps))),
                     "threshold_kind": "trg_image",
                     "flip": bool(record["mirrored"]),
+                    "variant": _checked_variant(record, annotations),
                     "flow_path": files["flow"],
                 }
             )

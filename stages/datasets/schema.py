@@ -58,6 +58,7 @@ PAIRS_SCHEMA = pa.schema(
         pa.field("flow_path", pa.string()),  # .flo on the source grid mapping src -> trg (TSS, demo)
         pa.field("direction", pa.string()),  # TSS: 1to2 | 2to1; null elsewhere
         pa.field("group", pa.string()),  # pairs scored together: TSS's pair folder; null elsewhere
+        pa.field("variant", pa.string()),  # demo: normal | mirrored | smaller | larger; null elsewhere
     ]
 )
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Sequence
@@ -52,7 +53,8 @@ from stages.datasets.tss import SUBSETS as TSS_SUBSETS
 from stages.evaluate.pck import correct_keypoints, keypoint_errors, pck_per_pair, reference_length
 from stages.evaluate.tss import TssScores, score_direction, score_tss_results
 from stages.features.canvas import CanvasTransform
-from stages.match import dense_flow, gwot, nn_match, transfer_keypoints
+from stages.match import dense_flow, nn_match, transfer_keypoints
+from stages.match.robust import robust_gwot
 from stages.match.settings import MatcherSetting, NNParams, resolve_settings
 from stages.match.subsets import Subset, check_run_subset, select_pairs
 
@@ -63,7 +65,7 @@ PAIRS_PER_BATCH = 16  # one solve per batch: 16 pairs of 60 x 60 grids keep GWOT
 PAIR_COLUMNS = (
     "pair_id", "split", "category", "src_image_id", "trg_image_id", "src_kps", "trg_kps", "kps_ids",
     "threshold_kind", "trg_bbox", "flip", "viewpoint_variation", "scale_variation", "truncation",
-    "occlusion", "flow_path", "direction", "group",
+    "occlusion", "flow_path", "direction", "group", "variant",
 )  # fmt: skip
 
 
@@ -99,17 +101,54 @@ def ledger_unit(dataset: str, setting_key: str, batch: int) -> str:
     return f"{dataset}/{setting_key}/{batch:05d}"
 
 
+@dataclass(frozen=True)
+class Solution:
+    """A batch's scores ``[B, N, M]`` (NN similarities or GWOT plans in original source coordinates) and,
+    per pair, the matcher's own columns of the pairs table (:data:`ROBUST_COLUMNS`)."""
+
+    scores: torch.Tensor
+    columns: list[dict[str, Any]]
+
+
+ROBUST_COLUMNS = ("orientation", "objective_original", "objective_mirrored", "scale_estimate", "k_src", "k_trg")
+
+
 def solve(
     setting: MatcherSetting,
     src_feats: torch.Tensor,
     trg_feats: torch.Tensor,
     src_valid: torch.Tensor,
     trg_valid: torch.Tensor,
-) -> torch.Tensor:
-    """Scores ``[B, N, M]`` of a batch: NN cosine similarities or GWOT plans (features ``[B, H, W, C]``)."""
+    src_flipped: torch.Tensor | None = None,
+) -> Solution:
+    """Solve a batch (features ``[B, H, W, C]``; ``src_flipped``: the mirrored source images' features,
+    needed by flip-aware settings): NN similarities or flip/scale-aware GWOT plans, with per-pair columns."""
     if isinstance(setting.params, NNParams):
-        return nn_match(src_feats, trg_feats, src_valid, trg_valid).similarity
-    return gwot(src_feats, trg_feats, src_valid, trg_valid, **setting.params.solver_kwargs()).plan
+        scores = nn_match(src_feats, trg_feats, src_valid, trg_valid).similarity
+        return Solution(scores, [dict.fromkeys(ROBUST_COLUMNS) for _ in range(len(scores))])
+    result = robust_gwot(
+        src_feats, trg_feats, src_valid, trg_valid, src_flipped=src_flipped, **setting.params.solver_kwargs()
+    )
+    columns = [
+        {
+            "orientation": "mirrored" if mirrored else "original",
+            "objective_original": original,
+            "objective_mirrored": None if math.isnan(other) else other,
+            "scale_estimate": None if math.isnan(scale) else scale,
+            "k_src": k_src,
+            "k_trg": k_trg,
+        }
+        for mirrored, original, other, scale, k_src, k_trg in zip(
+            result.mirrored.tolist(),
+            result.objective.tolist(),
+            result.objective_mirrored.tolist(),
+            result.scale.tolist(),
+            result.k_src.tolist(),
+            result.k_trg.tolist(),
+            strict=True,
+        )
+    ]
+    return Solution(result.plan, columns)
 
 
 def readout_options(setting: MatcherSetting) -> dict[str, Any]:
@@ -119,15 +158,16 @@ def readout_options(setting: MatcherSetting) -> dict[str, Any]:
 
 
 def _batch_features(
-    store: FeatureStore, image_ids: Sequence[str], device: torch.device
+    store: FeatureStore, image_ids: Sequence[str], device: torch.device, *, flipped: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Tokens ``[B, H, W, C]`` float32 and valid ``[B, H, W]`` of ``image_ids`` on ``device``, and their rows.
+    """Tokens ``[B, H, W, C]`` float32 and valid ``[B, H, W]`` of ``image_ids`` on ``device``, and their rows
+    (``flipped``: the mirrored images' tokens instead).
 
     Each distinct image is read once (TSS and SPair reuse images across pairs).
     """
     rows = store.rows_for(image_ids)
     unique = sorted(set(rows))
-    tokens, valid = store.read(unique)
+    tokens, valid = store.read(unique, flipped=flipped)
     position = [unique.index(row) for row in rows]
     feats = torch.from_numpy(tokens[position].astype(np.float32)).to(device)
     return feats, torch.from_numpy(valid[position]).to(device), rows
@@ -202,8 +242,12 @@ def match_batch(task: BatchTask) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     src_feats, src_valid, src_rows = _batch_features(store, [p["src_image_id"] for p in task.pairs], device)
     trg_feats, trg_valid, trg_rows = _batch_features(store, [p["trg_image_id"] for p in task.pairs], device)
+    src_flipped = None
+    if task.setting.params.needs_flipped:
+        src_flipped = _batch_features(store, [p["src_image_id"] for p in task.pairs], device, flipped=True)[0]
     start = time.perf_counter()
-    scores = solve(task.setting, src_feats, trg_feats, src_valid, trg_valid)
+    solution = solve(task.setting, src_feats, trg_feats, src_valid, trg_valid, src_flipped)
+    scores = solution.scores
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - start) / len(task.pairs)
@@ -231,7 +275,9 @@ def match_batch(task: BatchTask) -> int:
         except (ValueError, PipelineError) as error:  # bad annotations or files: name the pair
             raise StageError(f"pair {pair['pair_id']!r} of dataset {task.dataset!r}: {error}") from error
         metadata = {name: pair[name] for name in results.PAIRS_SCHEMA.names if name in pair}
-        pair_rows.append({**metadata, **labels, **pck_columns, "flow_accuracy": flow_accuracy})
+        pair_rows.append(
+            {**metadata, **labels, **pck_columns, **solution.columns[index], "flow_accuracy": flow_accuracy}
+        )
         keypoint_rows += keypoints
     folder = task.run_folder
     key = task.setting.key
@@ -363,6 +409,14 @@ def plan_dataset(ctx: StageContext, dataset: str, batch_size: int) -> DatasetPla
     settings = resolve_settings(ctx.catalog, ctx.options.matchers, ctx.options.overrides, store_key(store))
     if not settings:
         raise CatalogError(f"{ctx.catalog.path}: the catalog defines no matchers; add one under matchers:")
+    flip_aware = [setting.label for setting in settings if setting.params.needs_flipped]
+    if flip_aware and not store.flipped:
+        raise StageError(
+            f"matcher(s) {', '.join(flip_aware)} (flip: auto) read the mirrored images' features, which "
+            f"{store.path} does not hold; set `flip: true` on backbone {backbone!r} in {ctx.catalog.path} "
+            f"(backbones.{backbone}.flip) and run `pipeline run --stage features --dataset {dataset} "
+            f"--backbone {backbone}`, or leave these matchers out with --matcher"
+        )
     return DatasetPlan(
         dataset=dataset,
         backbone=backbone,

@@ -81,8 +81,8 @@ def match_pair(
     src_path, trg_path, out_dir = Path(src_path), Path(trg_path), Path(out_dir)
     if not matchers:
         raise InputError("no matcher given; pass at least one catalog matcher (e.g. nn, gwot)")
-    for matcher in matchers:
-        setting_for(matcher, None, "")  # check every matcher's parameters before loading a model
+    # check every matcher's parameters before loading a model
+    needs_flipped = any(setting_for(matcher, None, "").params.needs_flipped for matcher in matchers)
     src_image, trg_image = read_image(src_path), read_image(trg_path)
     src_height, src_width = src_image.shape[:2]
     if points is None:
@@ -90,7 +90,7 @@ def match_pair(
     points = check_points(points, src_width, src_height, str(src_path))
 
     device = device or default_device()
-    features = image_features(src_image, trg_image, backbone, device)
+    features = image_features(src_image, trg_image, backbone, device, flip=needs_flipped)
     stem = f"{src_path.stem}-{trg_path.stem}"
     pictures, predictions, records = {}, {}, {}
     for matcher in matchers:

@@ -57,6 +57,21 @@ class DatasetImages:
         return self.loaded[image_id]
 
 
+def pair_notes(pair: Mapping[str, Any]) -> str:
+    """A caption's marks for a pair: its subset unless normal, and what a flip/scale-aware setting decided
+    (`` [smaller; solved mirrored; scale 0.52]``); empty for a normal pair under a plain setting."""
+    notes = []
+    subset = tables.pair_subsets(pd.DataFrame([dict(pair)])).iloc[0]
+    if subset != "normal":
+        notes.append(f"{subset} pair")
+    if pair.get("orientation") == "mirrored":
+        notes.append("solved with the source mirrored")
+    scale = pair.get("scale_estimate")
+    if scale is not None and not pd.isna(scale):
+        notes.append(f"estimated scale {scale:.2f}")
+    return f" [{'; '.join(notes)}]" if notes else ""
+
+
 def pair_pictures(
     folder: Path,
     run_folder: Path,
@@ -83,7 +98,9 @@ def pair_pictures(
         height=min(max(src.shape[0], trg.shape[0]), PICTURE_HEIGHT),
         path=folder / f"{stem}.png",
     )
-    caption = f"{label}: {pair_id}, PCK@{alpha:g} = {pck}% (green: correct, red: wrong, circles: truth)"
+    caption = (
+        f"{label}: {pair_id}{pair_notes(pair)}, PCK@{alpha:g} = {pck}% (green: correct, red: wrong, circles: truth)"
+    )
     drawn = [Picture(f"{stem}.png", caption)]
     if isinstance(pair["direction"], str) and isinstance(pair["group"], str):
         flows = results.flows_dir(run_folder, pair["dataset"], pair["matcher"]) / pair["group"]
@@ -92,6 +109,34 @@ def pair_pictures(
             draw_warp(src, trg, read_flo(flo), title=label, path=folder / f"{stem}-warp.png")
             drawn.append(Picture(f"{stem}-warp.png", f"{label}: {pair_id}, source warped by the predicted flow"))
     return drawn
+
+
+def subset_pictures(
+    catalog: Catalog, folder: Path, run_folder: Path, keypoints: pd.DataFrame, at_alpha: pd.DataFrame
+) -> list[Block]:
+    """For every dataset with mirrored or rescaled pairs: the first pair of each subset (normal, mirrored,
+    smaller, larger) drawn under every setting of the run, side by side."""
+    blocks: list[Block] = []
+    at_alpha = at_alpha.assign(subset=tables.pair_subsets(at_alpha))
+    points = dict(tuple(keypoints.groupby(["dataset", "matcher", "pair_id"], observed=True)))
+    for (dataset, backbone_key), rows in at_alpha.groupby(["dataset", "backbone_key"], sort=True):
+        if set(rows["subset"]) == {"normal"}:
+            continue
+        try:
+            images = DatasetImages(catalog, dataset)
+        except FileNotFoundError as error:
+            blocks.append(
+                Text(f"{dataset}: no subset pictures, the normalised images are not here ({error.filename}).")
+            )
+            continue
+        for subset in [name for name in tables.SUBSETS if name in set(rows["subset"])]:
+            pair_id = min(rows.loc[rows["subset"] == subset, "pair_id"])
+            blocks.append(Text(f"{dataset} ({backbone_key}), {subset} pair {pair_id} under every setting"))
+            for pair in rows[rows["pair_id"] == pair_id].sort_values("matcher_label").to_dict("records"):
+                stem = f"subset-{slug(dataset)}-{slug(backbone_key)}-{subset}-{slug(pair['matcher_label'])}"
+                key = (dataset, pair["matcher"], pair_id)
+                blocks += pair_pictures(folder, run_folder, images, pair, points[key], stem)
+    return blocks
 
 
 def match_pictures(

@@ -25,7 +25,7 @@ from stages.matcher_params import parse_params
 from stages.report import plots, tables
 from stages.report.html import Alert, Block, Picture, Section, Table, Text, write_documents
 from stages.report.paper import paper_section
-from stages.report.pictures import match_pictures, percent, slug
+from stages.report.pictures import match_pictures, percent, slug, subset_pictures
 
 log = logging.getLogger(__name__)
 
@@ -197,17 +197,19 @@ def _scatter_pictures(folder: Path, at_alpha: pd.DataFrame, references: dict[tup
     return blocks
 
 
+def _bars(folder: Path, rows: pd.DataFrame, group: str, file: str, title: str) -> str:
+    """Draw per-image PCK@ALPHA of every setting per ``group`` value into ``folder/file``; returns ``file``."""
+    plots.plot_grouped_bars(
+        rows, group=group, value="per_image", title=title, ylabel=f"PCK@{ALPHA:g} per image (%)", path=folder / file
+    )
+    return file
+
+
 def _category_blocks(folder: Path, categories: pd.DataFrame) -> list[Block]:
     blocks: list[Block] = []
     for dataset, rows in categories.groupby("dataset", sort=True):
-        file = f"categories-{slug(dataset)}.png"
-        plots.plot_grouped_bars(
-            rows,
-            group="category",
-            value="per_image",
-            title=f"{dataset}: PCK@{ALPHA:g} per category",
-            ylabel=f"PCK@{ALPHA:g} per image (%)",
-            path=folder / file,
+        file = _bars(
+            folder, rows, "category", f"categories-{slug(dataset)}.png", f"{dataset}: PCK@{ALPHA:g} per category"
         )
         blocks += [
             Table(
@@ -216,6 +218,49 @@ def _category_blocks(folder: Path, categories: pd.DataFrame) -> list[Block]:
             ),
             Picture(file, f"{dataset}: PCK@{ALPHA:g} per image, per category"),
         ]
+    return blocks
+
+
+def _subset_blocks(folder: Path, subsets: pd.DataFrame) -> list[Block]:
+    """Per dataset with more than normal pairs: PCK per subset (normal, mirrored, smaller, larger) with every
+    setting side by side, a bar picture, and what the flip/scale-aware settings decided per subset."""
+    blocks: list[Block] = []
+    for dataset, rows in subsets.groupby("dataset", sort=True):
+        if set(rows["subset"]) == {"normal"}:
+            continue
+        file = _bars(folder, rows, "subset", f"subsets-{slug(dataset)}.png", f"{dataset}: PCK@{ALPHA:g} per subset")
+        table = _by_setting(rows, ["subset", "n_pairs"])
+        order = {name: index for index, name in enumerate(tables.SUBSETS)}
+        table = table.sort_values("subset", key=lambda c: c.map(order), ignore_index=True)
+        blocks += [
+            Table(
+                table,
+                f"{dataset}: PCK@{ALPHA:g} per subset (mirrored target; target object ~0.5x: smaller, "
+                "~2x: larger), img / kp (%)",
+            ),
+            Picture(file, f"{dataset}: PCK@{ALPHA:g} per image, per subset"),
+        ]
+        decided = rows[rows["mirrored_kept"].notna()]
+        if not decided.empty:
+            shown = decided[["subset", "matcher_label", "n_pairs", "mirrored_kept", "median_scale"]].rename(
+                columns={
+                    "matcher_label": "setting",
+                    "n_pairs": "pairs",
+                    "mirrored_kept": "mirrored kept (%)",
+                    "median_scale": "median scale estimate",
+                }
+            )
+            shown["mirrored kept (%)"] = shown["mirrored kept (%)"].map(percent)
+            shown["median scale estimate"] = shown["median scale estimate"].map(
+                lambda value: "-" if pd.isna(value) else f"{value:.2f}"
+            )
+            blocks.append(
+                Table(
+                    shown,
+                    f"{dataset}: per subset, the share of pairs GWOT solved with the source mirrored, "
+                    "and the median estimated relative scale (target / source)",
+                )
+            )
     return blocks
 
 
@@ -286,8 +331,9 @@ def catalog_defaults(catalog: Catalog) -> dict[str, str]:
 
 def report_numbers(run: tables.RunResults, defaults: Mapping[str, str] | None = None) -> dict[str, pd.DataFrame]:
     """Every table of the report as numbers (fractions), by name: ``headline``, ``gwot_minus_nn``,
-    ``pair_pck`` (per pair at ``REPORT_ALPHA``), ``categories``, ``by_<difficulty column>``, ``flow``,
-    ``curves`` and ``sweeps`` (the sweep tables, concatenated). ``defaults``: see :func:`catalog_defaults`."""
+    ``pair_pck`` (per pair at ``REPORT_ALPHA``), ``categories``, ``subsets`` (normal / mirrored / smaller /
+    larger, with the flip/scale decisions), ``by_<difficulty column>``, ``flow``, ``curves`` and ``sweeps``
+    (the sweep tables, concatenated). ``defaults``: see :func:`catalog_defaults`."""
     references = tables.reference_settings(run.pairs, defaults)
     headline = tables.pck_table(results.pck_long(tables.scored_pairs(run.pairs)))
     at_alpha = tables.pck_at(run.pairs, run.keypoints, ALPHA)
@@ -297,6 +343,7 @@ def report_numbers(run: tables.RunResults, defaults: Mapping[str, str] | None = 
         "gwot_minus_nn": tables.gwot_minus_nn(headline, references),
         "pair_pck": at_alpha,
         "categories": tables.pck_table(at_alpha, ["category"]),
+        "subsets": tables.subset_table(at_alpha),
         **{f"by_{column}": table for column, table in tables.difficulty_tables(at_alpha).items()},
         "flow": tables.flow_accuracy_table(run.pairs),
         "curves": tables.pck_curves(run.pairs, run.keypoints),
@@ -328,8 +375,13 @@ def _compose(
         ("Per-pair error: NN against GWOT", _error_pictures(folder, at_alpha, references)),
         (f"Per pair: NN against GWOT (PCK@{ALPHA:g})", _scatter_pictures(folder, at_alpha, references)),
         (f"Per category (PCK@{ALPHA:g})", _category_blocks(folder, numbers["categories"])),
+        (f"Per subset: mirrored and rescaled pairs (PCK@{ALPHA:g})", _subset_blocks(folder, numbers["subsets"])),
         ("By difficulty (SPair-71k annotations)", _difficulty_blocks(difficulty)),
         ("Sweeps", _sweep_blocks(folder, numbers["sweeps"])),
+        (
+            "Mirrored and rescaled pairs under every setting",
+            subset_pictures(catalog, folder, run_folder, run.keypoints, at_alpha),
+        ),
         (
             f"Match pictures (best, median, worst by PCK@{ALPHA:g})",
             match_pictures(catalog, folder, run_folder, run.keypoints, at_alpha, references),

@@ -130,6 +130,39 @@ def gwot_minus_nn(headline: pd.DataFrame, references: Mapping[tuple[str, str, st
     return both[[*columns, "per_image", "per_keypoint"]].sort_values(columns, ignore_index=True)
 
 
+SUBSETS = ("normal", "mirrored", "smaller", "larger")  # the demo's variants; elsewhere pairs are normal or mirrored
+
+
+def pair_subsets(pairs: pd.DataFrame) -> pd.Series:
+    """Each pair's subset: its ``variant`` (the demo's normal / mirrored / smaller / larger) where it has one,
+    else ``mirrored`` for flipped pairs (SPair's ``mirror``, TSS's ``flip_gt``) and ``normal`` otherwise."""
+    fallback = pd.Series(np.where(pairs["flip"].astype(bool), "mirrored", "normal"), index=pairs.index)
+    variant = pairs["variant"] if "variant" in pairs else pd.Series(None, index=pairs.index, dtype=object)
+    return variant.where(variant.notna(), fallback).astype(str)
+
+
+def subset_table(long: pd.DataFrame) -> pd.DataFrame:
+    """:func:`pck_table` per subset (:func:`pair_subsets`), plus per setting and subset the share of pairs
+    solved in the mirrored orientation (``mirrored_kept``) and the median estimated scale
+    (``median_scale``; NaN where the setting estimates none)."""
+    long = long.assign(subset=pair_subsets(long))
+    table = pck_table(long, ["subset"])
+    robust = (
+        long[long["n_kps"] > 0]
+        .assign(mirrored_kept=lambda f: f["orientation"].eq("mirrored").where(f["orientation"].notna()))
+        .groupby(["dataset", "matcher", "subset"], observed=True)
+        .agg(mirrored_kept=("mirrored_kept", "mean"), median_scale=("scale_estimate", "median"))
+        .reset_index()
+    )
+    table = table.merge(robust, on=["dataset", "matcher", "subset"], how="left", validate="m:1")
+    order = {name: index for index, name in enumerate(SUBSETS)}
+    return table.sort_values(
+        ["dataset", "subset", "matcher_label"],
+        key=lambda c: c.map(order) if c.name == "subset" else c,
+        ignore_index=True,
+    )
+
+
 def difficulty_tables(long: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """``column -> pck_table`` grouped by each SPair-style difficulty column of ``DIFFICULTY_COLUMNS``,
     over the rows where it is known; columns null everywhere are left out."""

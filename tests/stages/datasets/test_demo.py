@@ -14,7 +14,7 @@ from skimage import data as skdata
 from pipeline.catalog import DatasetSpec
 from pipeline.errors import CatalogError, DataError
 from stages.datasets.common import BadItems
-from stages.datasets.demo import Warp, materialize, normalize, pair_files, parse_options
+from stages.datasets.demo import Warp, antialiasing_sigma, materialize, normalize, pair_files, parse_options
 from stages.datasets.flo import flow_validity, read_flo
 
 
@@ -56,6 +56,11 @@ def test_pairs_cycle_through_the_photos_downscaled_to_max_side(default_demo):
     }
     assert [r["category"] for r in records] == (list(originals) * 3)[:12]
     assert [r["mirrored"] for r in records] == [i in (3, 7, 11) for i in range(12)]
+    assert [r["variant"] for r in records] == ["normal", "smaller", "larger", "mirrored"] * 3
+    zooms = {"normal": (0.8, 1.05), "mirrored": (0.8, 1.05), "smaller": (0.4, 0.525), "larger": (1.6, 2.1)}
+    for record in records:
+        low, high = zooms[record["variant"]]
+        assert all(low <= s <= high for s in record["warp"]["scale"]), record["pair_id"]
     for record in records:
         files = pair_files(record["pair_id"])
         src, trg = load(raw_dir, files["src"]), load(raw_dir, files["trg"])
@@ -80,6 +85,9 @@ def test_target_image_is_the_source_moved_along_the_flow(default_demo):
     for record in records:
         files = pair_files(record["pair_id"])
         src, trg = load(raw_dir, files["src"]), load(raw_dir, files["trg"])
+        # A shrinking warp renders an antialiased source: compare with the source blurred alike.
+        sigma = antialiasing_sigma(Warp.from_json(record["warp"]))
+        src = ndimage.gaussian_filter(src, (sigma, sigma, 0), mode="nearest")
         flow = read_flo(raw_dir / files["flow"]).astype(np.float64)
         rows, cols = np.nonzero(flow_validity(flow))
         pick = rng.choice(len(rows), 300, replace=False)
@@ -140,6 +148,7 @@ def test_normalize_tables_match_the_annotations(default_demo):
         assert pair["src_kps"] == record["src_kps"] and pair["trg_kps"] == record["trg_kps"]
         assert pair["kps_ids"] == list(range(20))
         assert pair["threshold_kind"] == "trg_image" and pair["flip"] == record["mirrored"]
+        assert pair["variant"] == record["variant"]
         assert pair["flow_path"] == f"flow/{pair_id}.flo"
         assert pair["direction"] is None and pair["group"] is None
         assert src["path"] == f"images/{pair_id}_src.png" and trg["path"] == f"images/{pair_id}_trg.png"
@@ -152,7 +161,8 @@ def test_normalize_tables_match_the_annotations(default_demo):
         mask = load(raw_dir, src["mask_path"])
         assert set(np.unique(mask)) <= {0, 255}
         np.testing.assert_array_equal(mask > 0, flow_validity(read_flo(raw_dir / pair["flow_path"])))
-        assert (mask > 0).mean() > 0.5
+        # A larger (~2x) target shows about a quarter of the source.
+        assert (mask > 0).mean() > (0.15 if record["variant"] == "larger" else 0.5)
 
 
 def test_keypoints_sit_on_texture(default_demo):
@@ -205,8 +215,19 @@ def test_missing_annotations_and_wrong_size_mask_are_data_errors(tmp_path):
         normalize(raw_dir, spec(), BadItems("demo"))
 
 
+def test_a_demo_written_before_variants_asks_to_regenerate_it(tmp_path):
+    raw_dir = small_demo(tmp_path)
+    document = json.loads((raw_dir / "annotations.json").read_text())
+    del document["pairs"][0]["variant"]
+    (raw_dir / "annotations.json").write_text(json.dumps(document))
+    with pytest.raises(DataError, match=r"000-astronaut: variant None is not one of normal, mirrored, smaller, larger"):
+        normalize(raw_dir, spec(), BadItems("demo"))
+
+
 def test_unknown_option_lists_the_valid_keys(tmp_path):
-    with pytest.raises(CatalogError, match=r"unknown key\(s\) 'n_pair'; valid keys are max_side, mirrored_fraction, "):
+    with pytest.raises(
+        CatalogError, match=r"unknown key\(s\) 'n_pair'; valid keys are larger_fraction, max_side, mirrored_fraction, "
+    ):
         materialize(tmp_path, spec(n_pair=3))
     with pytest.raises(
         CatalogError, match=r"datasets\.demo\.options\.mirrored_fraction: must be in \[0, 1\], got 1\.5"
@@ -214,5 +235,7 @@ def test_unknown_option_lists_the_valid_keys(tmp_path):
         parse_options(spec(mirrored_fraction=1.5))
     with pytest.raises(CatalogError, match=r"options\.n_pairs: expected an integer, got str"):
         parse_options(spec(n_pairs="3"))
-    with pytest.raises(CatalogError, match=r"options\.n_keypoints: astronaut has fewer than 999 textured points"):
+    with pytest.raises(
+        CatalogError, match=r"options\.n_keypoints: astronaut \(normal\) has fewer than 999 textured points"
+    ):
         materialize(tmp_path, spec(n_pairs=2, max_side=64, n_keypoints=999))

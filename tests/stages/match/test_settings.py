@@ -13,6 +13,7 @@ import pytest
 from pipeline.catalog import REPO_CATALOG, load_catalog
 from pipeline.errors import CatalogError, PipelineError
 from stages.match import gwot, settings
+from stages.match.robust import robust_gwot
 from stages.match.settings import GWOTParams, NNParams, parse_params, resolve_settings
 from stages.matcher_params import domain_problem
 
@@ -32,8 +33,14 @@ def catalog_with(tmp_path: Path, text: str = CATALOG):
 
 
 def test_gwot_params_mirror_the_solver_signature():
-    keywords = {name: p.default for name, p in inspect.signature(gwot).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    keywords = {
+        name: p.default
+        for solver in (gwot, robust_gwot)
+        for name, p in inspect.signature(solver).parameters.items()
+        if p.kind is p.KEYWORD_ONLY
+    }
     keywords.pop("init")  # a warm start is per problem, not a setting
+    keywords.pop("src_flipped")  # features, not a setting
     params = GWOTParams()
     assert params.solver_kwargs() == keywords
     assert {f.name for f in dataclasses.fields(GWOTParams)} == {*keywords, "window"}
@@ -54,7 +61,7 @@ def test_catalog_params_parse_strictly_with_inf(tmp_path):
     bad = catalog_with(tmp_path, CATALOG + "  typo: {method: gwot, params: {epsilon: 0.1}}\n")
     with pytest.raises(
         CatalogError,
-        match=r"matchers\.typo\.params: unknown key\(s\) 'epsilon'; valid keys are coarse_to_fine, eps, inner_iters",
+        match=r"matchers\.typo\.params: unknown key\(s\) 'epsilon'; valid keys are coarse_to_fine, eps, flip,",
     ):
         parse_params(bad.matcher("typo"))
     wrong = catalog_with(tmp_path, CATALOG + "  wrong: {method: gwot, params: {k: 2.5}}\n")
@@ -88,8 +95,9 @@ def test_keys_are_stable_and_change_with_every_ingredient(tmp_path):
     (default,) = resolve_settings(catalog, ["gwot"], [], "store-a")
     canonical = (
         '{"backbone":"store-a","implementation":2,"method":"gwot","params":{"coarse_to_fine":true,"eps":0.02,'
-        '"inner_iters":50,"inner_tol":0.0001,"k":5,"k_trg":null,"outer_iters":10,"outer_tol":0.001,"rho":1.0,'
-        '"w_s":0.1,"w_y":0.1,"window":3,"window_radius":4}}'
+        '"flip":"off","flip_margin":0.02,"inner_iters":50,"inner_tol":0.0001,"k":5,"k_trg":null,"outer_iters":10,'
+        '"outer_tol":0.001,"rho":1.0,"scale":"off","scale_rho":0.1,"w_s":0.1,"w_y":0.1,"window":3,'
+        '"window_radius":4}}'
     )
     assert default.key == hashlib.sha256(canonical.encode()).hexdigest()[:12]
     assert default.label == "gwot"

@@ -3,6 +3,7 @@ groupbys of the Parquet files, its pictures, its links, and the random-weights w
 
 from __future__ import annotations
 
+import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -18,7 +19,7 @@ from PIL import Image
 
 from pipeline.catalog import load_catalog
 from pipeline.cli import cli
-from stages.report import plots
+from stages.report import plots, tables
 from stages.report.draw import GAP
 from stages.report.stage import report_numbers
 from stages.report.tables import load_run
@@ -231,7 +232,13 @@ def test_html_links_exist_and_every_png_has_its_size_and_content(run):
     page.feed((report / "index.html").read_text())
     assert page.links and all((report / link).is_file() and "/" not in link for link in page.links)
     assert sorted(page.links) == sorted(p.name for p in report.glob("*.png"))  # every picture is shown
-    assert {link.split("-")[0] for link in page.links} == {"pck", "pair", "categories", "sweep", "scatter"}
+    assert {link.split("-")[0] for link in page.links} == {
+        "pck", "pair", "categories", "sweep", "scatter", "subsets", "subset"
+    }  # fmt: skip
+    assert (
+        "subsets-demo.png" in page.links
+        and "(mirrored target; target object ~0.5x" in (report / "report.md").read_text()
+    )
     assert "pair-error-tss.png" in page.links and "sweep-demo-daisy-112-" in " ".join(page.links)
 
     data = Path(load_catalog(catalog, environ={}).stores.data_root)
@@ -243,10 +250,10 @@ def test_html_links_exist_and_every_png_has_its_size_and_content(run):
     for file, alt in page.images:
         picture = png(report / file)
         assert picture.std() > 20, file  # not blank
-        if not file.startswith("pair-") or "-error-" in file:
+        if not file.startswith(("pair-", "subset-")) or "-error-" in file:
             assert picture.shape == (plots.PIXELS[1], plots.PIXELS[0], 3), file
             continue
-        pair_id = alt.split(": ", 1)[1].split(",")[0]
+        pair_id = alt.split(": ", 1)[1].split(",")[0].split(" [")[0]  # the caption marks subsets in [...]
         src, trg = (images.loc[pairs.loc[pair_id, side]] for side in ("src_image_id", "trg_image_id"))
         if file.endswith("-warp.png"):  # both halves at the target's size
             warps += 1
@@ -263,7 +270,10 @@ def test_pictures_show_the_best_median_and_worst_pairs_of_gwot_with_their_pck(ru
     pairs = pair_pck(pd.read_parquet(folder / "pairs"), 0.1)
     page = References()
     page.feed((folder / "report" / "index.html").read_text())
-    drawn = [alt.split(" (")[0] for _, alt in page.images if not alt.endswith("predicted flow") and ": " in alt]
+    # Captions mark the subset of a mirrored or rescaled pair in [...]; compared here without it.
+    unmarked = [re.sub(r" \[[^]]*\]", "", alt) for _, alt in page.images]
+    drawn = [alt.split(" (")[0] for alt in unmarked if not alt.endswith("predicted flow") and ": " in alt]
+    assert any("[larger pair]" in alt for _, alt in page.images)
     for dataset, gwot in (("demo", DEMO_GWOT[0]), ("tss", "gwot")):
         ranked = pairs[(pairs["dataset"] == dataset) & (pairs["matcher_label"] == gwot)]
         ranked = ranked.sort_values(["fraction", "pair_id"], ascending=[False, True])["pair_id"].tolist()
@@ -319,3 +329,37 @@ def test_report_of_a_run_without_results_names_the_command(run):
     assert result.exit_code == 1
     assert "run 'nothing' has no results in" in result.output
     assert "run `pipeline run --stage match --run nothing` first" in result.output
+
+
+def test_subsets_come_from_the_variant_else_the_flip_and_carry_the_robust_decisions():
+    pairs = pd.DataFrame(
+        {
+            "flip": [False, True, True, False],
+            "variant": [None, None, "mirrored", "smaller"],
+        }
+    )
+    assert tables.pair_subsets(pairs).tolist() == ["normal", "mirrored", "mirrored", "smaller"]
+    long = pd.DataFrame(
+        {
+            **{key: ["demo"] * 4 for key in ("dataset", "backbone", "backbone_key", "threshold_kind")},
+            "random_weights": False,
+            "matcher": "m",
+            "matcher_label": "gwot-robust",
+            "method": "gwot",
+            "params_json": "{}",
+            "pair_id": ["a", "b", "c", "d"],
+            "alpha": 0.1,
+            "n_kps": [4, 4, 4, 4],
+            "n_correct": [4, 1, 3, 2],
+            "pck": [1.0, 0.25, 0.75, 0.5],
+            "flip": [False, True, True, False],
+            "variant": [None, None, None, "smaller"],
+            "orientation": ["original", "mirrored", "original", "original"],
+            "scale_estimate": [1.0, 1.1, 0.9, 0.5],
+        }
+    )
+    table = tables.subset_table(long).set_index("subset")
+    assert table.index.tolist() == ["normal", "mirrored", "smaller"]
+    assert table.loc["mirrored", "per_image"] == 0.5 and table.loc["mirrored", "per_keypoint"] == 0.5
+    assert table.loc["mirrored", "mirrored_kept"] == 0.5 and table.loc["mirrored", "median_scale"] == 1.0
+    assert table.loc["smaller", "median_scale"] == 0.5 and table.loc["normal", "mirrored_kept"] == 0.0
