@@ -18,7 +18,7 @@ import scipy.io
 from PIL import Image
 
 NAN = math.nan
-NULL_PAIR_COLUMNS = {"flow_path": None, "direction": None, "group": None}
+NULL_PAIR_COLUMNS = {"flow_path": None, "direction": None, "group": None, "variant": None}
 NULL_SPAIR_COLUMNS = {
     "viewpoint_variation": None,
     "scale_variation": None,
