@@ -71,6 +71,12 @@ PAIRS_SCHEMA = pa.schema(
         pa.field("scale_estimate", pa.float64()),  # estimated target / source object scale; null without scale
         pa.field("k_src", pa.int32()),  # neighbourhood sizes of the spatial term
         pa.field("k_trg", pa.int32()),
+        # the GWOT solve kept for the pair (per-pair convergence); null for NN
+        pa.field("outer_steps", pa.int32()),  # mirror-descent steps used
+        pa.field("inner_iters", pa.int32()),  # Sinkhorn iterations used, over all its steps
+        pa.field("objective", pa.float64()),  # the final objective E of the kept solve
+        pa.field("marginal_error", pa.float64()),  # |T1 - a|_1 + |T^T1 - b|_1 of the final plan
+        pa.field("converged", pa.bool_()),  # False: it used every outer step (raise outer_iters or eps)
     ]
 )
 

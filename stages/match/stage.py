@@ -26,6 +26,7 @@ import logging
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -54,6 +55,7 @@ from stages.evaluate.pck import correct_keypoints, keypoint_errors, pck_per_pair
 from stages.evaluate.tss import TssScores, score_direction, score_tss_results
 from stages.features.canvas import CanvasTransform
 from stages.match import dense_flow, nn_match, transfer_keypoints
+from stages.match.gwot import ConvergenceWarning
 from stages.match.robust import robust_gwot
 from stages.match.settings import MatcherSetting, NNParams, resolve_settings
 from stages.match.subsets import Subset, check_run_subset, select_pairs
@@ -111,6 +113,12 @@ class Solution:
 
 
 ROBUST_COLUMNS = ("orientation", "objective_original", "objective_mirrored", "scale_estimate", "k_src", "k_trg")
+SOLVER_COLUMNS = ("outer_steps", "inner_iters", "objective", "marginal_error", "converged")
+
+
+def _or_none(value: Any) -> Any:
+    """NaN (an option that is off) as a null cell."""
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def solve(
@@ -122,31 +130,31 @@ def solve(
     src_flipped: torch.Tensor | None = None,
 ) -> Solution:
     """Solve a batch (features ``[B, H, W, C]``; ``src_flipped``: the mirrored source images' features,
-    needed by flip-aware settings): NN similarities or flip/scale-aware GWOT plans, with per-pair columns."""
+    needed by flip-aware settings): NN similarities or flip/scale-aware GWOT plans, with per-pair columns
+    (:data:`ROBUST_COLUMNS` and the kept solve's convergence, :data:`SOLVER_COLUMNS`; null for NN).
+
+    GWOT's ConvergenceWarning is not raised here: whether each pair converged is a column, and the match
+    stage reports the count once per run.
+    """
     if isinstance(setting.params, NNParams):
         scores = nn_match(src_feats, trg_feats, src_valid, trg_valid).similarity
-        return Solution(scores, [dict.fromkeys(ROBUST_COLUMNS) for _ in range(len(scores))])
-    result = robust_gwot(
-        src_feats, trg_feats, src_valid, trg_valid, src_flipped=src_flipped, **setting.params.solver_kwargs()
-    )
-    columns = [
-        {
-            "orientation": "mirrored" if mirrored else "original",
-            "objective_original": original,
-            "objective_mirrored": None if math.isnan(other) else other,
-            "scale_estimate": None if math.isnan(scale) else scale,
-            "k_src": k_src,
-            "k_trg": k_trg,
-        }
-        for mirrored, original, other, scale, k_src, k_trg in zip(
-            result.mirrored.tolist(),
-            result.objective.tolist(),
-            result.objective_mirrored.tolist(),
-            result.scale.tolist(),
-            result.k_src.tolist(),
-            result.k_trg.tolist(),
-            strict=True,
+        return Solution(scores, [dict.fromkeys(ROBUST_COLUMNS + SOLVER_COLUMNS) for _ in range(len(scores))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        result = robust_gwot(
+            src_feats, trg_feats, src_valid, trg_valid, src_flipped=src_flipped, **setting.params.solver_kwargs()
         )
+    per_pair = {
+        "orientation": ["mirrored" if mirrored else "original" for mirrored in result.mirrored.tolist()],
+        "objective_original": result.objective.tolist(),
+        "objective_mirrored": result.objective_mirrored.tolist(),
+        "scale_estimate": result.scale.tolist(),
+        "k_src": result.k_src.tolist(),
+        "k_trg": result.k_trg.tolist(),
+        **{name: getattr(result.solver, name).tolist() for name in SOLVER_COLUMNS},
+    }
+    columns = [
+        {name: _or_none(values[index]) for name, values in per_pair.items()} for index in range(len(result.plan))
     ]
     return Solution(result.plan, columns)
 
@@ -505,6 +513,7 @@ def match(ctx: StageContext, batch_size: int) -> None:
         log.info("match: every batch of run %r is already done", ctx.options.run_name)
     summary = results.write_summary(run_folder)
     log.info("match: %d summary row(s) of run %r in %s", len(summary), ctx.options.run_name, run_folder / "summary.md")
+    _warn_unconverged(run_folder)
     if failures:
         lines = [
             f"{task.dataset} {task.setting.label} ({task.setting.key}) batch {task.batch}, pairs "
@@ -526,6 +535,23 @@ def _mark_damaged_features(plan: DatasetPlan) -> str:
         f"{plan.dataset}: feature shard(s) {shards} are damaged and now marked for recomputation: run "
         f"`pipeline run --stage features --stage match --dataset {plan.dataset} --backbone {plan.backbone}`"
     )
+
+
+def _warn_unconverged(run_folder: Path) -> None:
+    """One warning per run for the GWOT pairs that used every outer step, per setting."""
+    pairs = results.read_results(run_folder, "pairs")
+    if "converged" not in pairs or pairs.empty:
+        return
+    unconverged = pairs[pairs["converged"].eq(False)].groupby("matcher_label").size()
+    for label, count in unconverged.items():
+        total = int((pairs["matcher_label"] == label).sum())
+        log.warning(
+            "match: %d of %d pair(s) of %s did not converge within outer_iters (the pairs table's converged "
+            "column); raise outer_iters (--set NAME.outer_iters=...) or eps for smoother plans",
+            count,
+            total,
+            label,
+        )
 
 
 def run(ctx: StageContext) -> None:

@@ -171,3 +171,22 @@ def test_every_row_from_random_weights_says_so(prepared):
     pairs = results.read_results(run_folder)
     assert pairs["random_weights"].all() and pairs["backbone_key"].str.contains("-RANDOM-").all()
     assert "| vits-random (RANDOM weights) |" in (run_folder / "summary.md").read_text()
+
+
+def test_gwot_rows_record_their_convergence_and_the_run_warns_once(prepared, caplog):
+    options = RunOptions(progress=False, matchers=("nn", "gwot-fast"), run_name="convergence")
+    with caplog.at_level("WARNING", logger="stages.match.stage"):
+        run_stages(prepared, ["match"], ["demo"], options)
+    pairs = results.read_results(results.run_dir(prepared.stores.outputs, "convergence"))
+    gwot_rows, nn_rows = pairs[pairs["method"] == "gwot"], pairs[pairs["method"] == "nn"]
+    assert nn_rows[list(stage.SOLVER_COLUMNS)].isna().all().all()
+    assert gwot_rows["outer_steps"].between(1, 3).all() and (gwot_rows["inner_iters"] >= gwot_rows["outer_steps"]).all()
+    assert gwot_rows["objective"].notna().all() and (gwot_rows["marginal_error"] >= 0).all()
+    # 3 outer steps do not converge on DAISY features: the pairs say so and the run warns once for the setting
+    unconverged = int((~gwot_rows["converged"].astype(bool)).sum())
+    assert unconverged == int((gwot_rows["outer_steps"] == 3).sum()) > 0
+    warnings = [r.getMessage() for r in caplog.records if "did not converge" in r.getMessage()]
+    assert warnings == [
+        f"match: {unconverged} of {len(gwot_rows)} pair(s) of gwot-fast did not converge within outer_iters (the "
+        "pairs table's converged column); raise outer_iters (--set NAME.outer_iters=...) or eps for smoother plans"
+    ]
