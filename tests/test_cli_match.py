@@ -70,7 +70,18 @@ def test_score_tss_reproduces_the_official_kit(tmp_path, shared_fixtures):
 
 
 def test_demo_end_to_end_gwot_beats_nearest_neighbours(tmp_path):
-    demo = {"demo": {"kind": "demo", "options": {"n_pairs": 4, "max_side": 128, "n_keypoints": 10}}}
+    demo = {
+        "demo": {
+            "kind": "demo",
+            "options": {
+                "n_pairs": 4,
+                "max_side": 128,
+                "n_keypoints": 10,
+                "smaller_fraction": 0.0,
+                "larger_fraction": 0.0,
+            },
+        }
+    }
     catalog = write_catalog(tmp_path, demo)
     invoke(catalog, "run", "--stage", "download", "--stage", "normalize", "--stage", "features", "--dataset", "demo")
     printed = invoke(catalog, "run", "--stage", "match", "--dataset", "demo", "--matcher", "nn", "--matcher", "gwot")
