@@ -8,14 +8,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import registry
 from pipeline.cache import Ledger, atomic_path
 from pipeline.context import StageContext, StageStatus
 from pipeline.damage import repairing, report_damage
 from pipeline.errors import DataError, StageError
-from stages.datasets import dataset_module
 from stages.datasets.common import BadItems
 from stages.datasets.schema import BAD_ITEMS_SCHEMA, IMAGES_SCHEMA, PAIRS_SCHEMA
-from stages.download import stage as download_stage
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +35,7 @@ def run(ctx: StageContext) -> None:
             log.info("normalize %s: already done", name)
             continue
         spec = ctx.catalog.dataset(name)
+        download_stage = registry.stage_module("download")  # by name: the two stages share no code
         if not spec.sources and not download_stage.status(ctx, name).complete:
             # A generated dataset (the demo) has nothing to download: make it here, offline and cheap.
             download_stage.run(StageContext(catalog=ctx.catalog, datasets=(name,), options=ctx.options))
@@ -68,7 +68,7 @@ def run(ctx: StageContext) -> None:
 def _check_splits(ctx: StageContext, name: str, pairs: pa.Table) -> None:
     """A selected split without pairs is an error naming its pair list (with ``--skip-bad``: a warning)."""
     spec = ctx.catalog.dataset(name)
-    module = dataset_module(spec.kind)
+    module = registry.dataset_module(spec.kind)
     found = set(pairs.column("split").to_pylist())
     for split in dict.fromkeys(spec.splits):
         if split in found:
@@ -113,7 +113,7 @@ def normalize_dataset(ctx: StageContext, name: str) -> tuple[pa.Table, pa.Table,
     """Run the dataset's normaliser over its raw folder; returns (images, pairs, bad items)."""
     spec = ctx.catalog.dataset(name)
     bad = BadItems(dataset=name, skip_bad=ctx.options.skip_bad)
-    images, pairs = dataset_module(spec.kind).normalize(ctx.catalog.raw_dir(name), spec, bad)
+    images, pairs = registry.dataset_module(spec.kind).normalize(ctx.catalog.raw_dir(name), spec, bad)
     return images, pairs, bad
 
 
