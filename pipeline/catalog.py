@@ -52,7 +52,7 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class Stores:
-    """Roots of the stores; fsspec-style paths, relative ones resolved against the catalog's folder."""
+    """Roots of the stores: local folders, relative ones resolved against the catalog's folder."""
 
     data_root: str = "data"
     cache_root: str = "cache"

@@ -69,19 +69,6 @@ def _require(kind: str, name: str, value: object, shape: tuple[int, ...]) -> np.
     return array
 
 
-def pck_threshold(
-    kind: str,
-    *,
-    alpha: float,
-    trg_image_size: tuple[int, int] | None = None,
-    trg_bbox: np.ndarray | list[float] | None = None,
-    trg_kps: np.ndarray | list[list[float]] | None = None,
-) -> float:
-    """The PCK threshold ``alpha * reference_length(kind, ...)`` in original target pixels."""
-    length = reference_length(kind, trg_image_size=trg_image_size, trg_bbox=trg_bbox, trg_kps=trg_kps)
-    return float(alpha) * length
-
-
 def keypoint_errors(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     """[K] Euclidean distances between predicted and true keypoints, both [K, 2] (x, y)."""
     pred = np.asarray(pred, dtype=np.float64)

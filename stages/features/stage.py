@@ -84,7 +84,7 @@ def stored_params(key_params: dict[str, Any], spec: BackboneSpec) -> dict[str, A
 
 
 def features_path(catalog: Catalog, dataset: str, params: dict[str, Any]) -> str:
-    """``<cache_root>/features/<dataset>/<model>-<size>[-RANDOM]-<hash>.zarr`` (a path or fsspec URL)."""
+    """``<cache_root>/features/<dataset>/<model>-<size>[-RANDOM]-<hash>.zarr``."""
     return f"{catalog.stores.cache_root.rstrip('/')}/features/{dataset}/{backbone_key(params)}.zarr"
 
 
