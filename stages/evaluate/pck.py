@@ -22,7 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-THRESHOLD_KINDS = ("trg_bbox", "trg_image", "trg_kps")
+# Threshold kinds of the PCK protocols (DATASETS.md): alpha times ...
+THRESHOLD_KINDS = (
+    "trg_bbox",  # max(w, h) of the target bounding box (SPair-71k)
+    "trg_image",  # max(H, W) of the target image (PF-PASCAL, TSS, demo)
+    "trg_kps",  # max extent of the target keypoints (PF-WILLOW)
+)
 
 
 def reference_length(
