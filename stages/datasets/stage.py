@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,8 +20,18 @@ from stages.datasets.schema import BAD_ITEMS_SCHEMA, IMAGES_SCHEMA, PAIRS_SCHEMA
 log = logging.getLogger(__name__)
 
 UNIT = "normalized"
-TABLES = ("images.parquet", "pairs.parquet", "bad_items.parquet")
-RECORD_KEYS = ("images", "pairs", "bad_items")  # the ledger's row count of each table
+
+
+class NormalizedTables(NamedTuple):
+    """The file names of a normalised dataset's tables."""
+
+    images: str
+    pairs: str
+    bad_items: str
+
+
+TABLES = NormalizedTables("images.parquet", "pairs.parquet", "bad_items.parquet")
+RECORD_KEYS = NormalizedTables._fields  # the ledger's row count of each table
 
 
 def run(ctx: StageContext) -> None:
@@ -48,9 +59,9 @@ def run(ctx: StageContext) -> None:
         _check_splits(ctx, name, pairs)
         ledger.clear(UNIT)  # the new tables replace the old ones: only now are the old ones given up
         for table, filename, schema in (
-            (images, TABLES[0], IMAGES_SCHEMA),
-            (pairs, TABLES[1], PAIRS_SCHEMA),
-            (pa.Table.from_pylist(bad.rows(), schema=BAD_ITEMS_SCHEMA), TABLES[2], BAD_ITEMS_SCHEMA),
+            (images, TABLES.images, IMAGES_SCHEMA),
+            (pairs, TABLES.pairs, PAIRS_SCHEMA),
+            (pa.Table.from_pylist(bad.rows(), schema=BAD_ITEMS_SCHEMA), TABLES.bad_items, BAD_ITEMS_SCHEMA),
         ):
             with atomic_path(out_dir / filename) as tmp:
                 pq.write_table(table.cast(schema), tmp, write_page_checksum=True)
@@ -60,7 +71,7 @@ def run(ctx: StageContext) -> None:
                 "normalize %s: %d bad item(s) skipped, listed in %s",
                 name,
                 len(bad.items),
-                out_dir / TABLES[2],
+                out_dir / TABLES.bad_items,
             )
         log.info("normalize %s: %d images, %d pairs", name, images.num_rows, pairs.num_rows)
 
@@ -144,4 +155,4 @@ def status(ctx: StageContext, dataset: str) -> StageStatus:
 
 def read_tables(out_dir: Path) -> tuple[pa.Table, pa.Table]:
     """Read a dataset's normalised ``(images, pairs)`` tables."""
-    return pq.read_table(out_dir / TABLES[0]), pq.read_table(out_dir / TABLES[1])
+    return pq.read_table(out_dir / TABLES.images), pq.read_table(out_dir / TABLES.pairs)

@@ -43,7 +43,7 @@ def fetch_unit(source: Source) -> str:
     return f"fetch:{source.filename}"
 
 
-def use_unit(source: Source) -> str:
+def place_unit(source: Source) -> str:
     """The ledger unit of putting ``source`` in place: ``extract:<filename>`` or ``place:<filename>``."""
     return f"{'extract' if source.extract else 'place'}:{source.filename}"
 
@@ -52,7 +52,7 @@ def expected_units(spec: DatasetSpec) -> list[str]:
     """Every unit the dataset needs, in the order they run."""
     if not spec.sources:
         return [MATERIALIZE]
-    return [unit for source in spec.sources for unit in (fetch_unit(source), use_unit(source))]
+    return [unit for source in spec.sources for unit in (fetch_unit(source), place_unit(source))]
 
 
 def _raw_dir(ctx: StageContext, dataset: str) -> Path:
@@ -156,9 +156,9 @@ def _download_dataset(spec: DatasetSpec, raw: Path, options: RunOptions) -> None
     given = _given_archives(spec, options.archives.get(spec.name, ()))
     done = set() if options.force else _done_units(spec, ledger)
     for source in spec.sources:
-        fetch_name, use_name = fetch_unit(source), use_unit(source)
+        fetch_name, place_name = fetch_unit(source), place_unit(source)
         archive = raw / DOWNLOADS / source.filename
-        if fetch_name in done and use_name in done:
+        if fetch_name in done and place_name in done:
             log.info("download %s: %s already done", spec.name, source.filename)
             continue
         fetched = ledger.record(fetch_name, ("sha256",)) if fetch_name in done and archive.is_file() else None
@@ -176,7 +176,7 @@ def _download_dataset(spec: DatasetSpec, raw: Path, options: RunOptions) -> None
             ledger.clear(fetch_name)  # a refused archive is not a fetched one: the next run checks it again
             raise
         ledger.mark_done(
-            use_name, {"filename": source.filename, "size": archive.stat().st_size, "sha256": sha256, **extra}
+            place_name, {"filename": source.filename, "size": archive.stat().st_size, "sha256": sha256, **extra}
         )
         log.info("download %s: %s ready", spec.name, source.filename)
 
