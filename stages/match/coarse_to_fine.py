@@ -102,8 +102,8 @@ def upsample_plan(coarse_plan: torch.Tensor, windows: Windows, src_valid, trg_va
     trg_children = torch.zeros_like(coarse_plan[:, 0, :]).index_add_(1, trg_parents, trg_weights)
     src_share = src_weights / src_children[:, src_parents].clamp_min(1)  # [B, N]
     trg_share = trg_weights / trg_children[:, trg_parents].clamp_min(1)  # [B, M]
-    coarse_rows = coarse_plan[:, src_parents]  # [B, N, Mc]
-    values = torch.gather(coarse_rows, 2, trg_parents[windows.index])
+    cells = src_parents[None, :, None] * coarse_plan.shape[2] + trg_parents[windows.index]  # [B, N, K]
+    values = torch.gather(coarse_plan.flatten(1), 1, cells.flatten(1)).view(cells.shape)
     return values.mul_(src_share[:, :, None]).mul_(windows.trg(trg_share))
 
 
