@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline import registry
 from pipeline.config import convert, from_mapping
 from pipeline.errors import CatalogError
-from stages.datasets import DATASET_KINDS
 
 ENV_OVERRIDES = {
     "data_root": "PIPELINE_DATA_ROOT",
@@ -52,7 +52,7 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class Stores:
-    """Roots of the stores; fsspec-style paths, relative ones resolved against the catalog's folder."""
+    """Roots of the stores: local folders, relative ones resolved against the catalog's folder."""
 
     data_root: str = "data"
     cache_root: str = "cache"
@@ -193,11 +193,10 @@ def _parse(raw: Any, path: Path, environ: Mapping[str, str]) -> Catalog:
         value = environ.get(env) or getattr(stores, key)
         roots[key] = value if "://" in value else str((path.parent / value).resolve())
     datasets = _named(DatasetSpec, raw.get("datasets") or {}, "datasets")
+    kinds = registry.dataset_kinds()
     for name, spec in datasets.items():
-        if spec.kind not in DATASET_KINDS:
-            raise CatalogError(
-                f"datasets.{name}.kind: unknown dataset kind {spec.kind!r}; valid: {', '.join(sorted(DATASET_KINDS))}"
-            )
+        if spec.kind not in kinds:
+            raise CatalogError(f"datasets.{name}.kind: unknown dataset kind {spec.kind!r}; valid: {', '.join(kinds)}")
     backbones = {
         name: _resolve_weights(spec, path.parent)
         for name, spec in _named(BackboneSpec, raw.get("backbones") or {}, "backbones").items()

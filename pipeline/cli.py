@@ -1,9 +1,7 @@
-"""The ``pipeline`` command line: run stages, show their status, build reports, export and score TSS flows."""
+"""The ``pipeline`` command line: run stages and show their status; the stages add their own commands (registry)."""
 
 from __future__ import annotations
 
-import csv
-import dataclasses
 import logging
 import sys
 from collections import defaultdict
@@ -11,16 +9,27 @@ from pathlib import Path
 
 import click
 
-from pipeline import damage
+from pipeline import damage, registry
 from pipeline.catalog import DEFAULT_CATALOG, load_catalog
 from pipeline.context import RunOptions
 from pipeline.errors import PipelineError
-from pipeline.runner import STAGE_ORDER, run_stages, status_table
-from stages.matcher_params import check_matchers, select_sweeps
+from pipeline.runner import run_stages, status_table
 
 
-class _ReportErrors(click.Group):
-    """Print a PipelineError as one clear line and exit with status 1, instead of a traceback."""
+class _PipelineGroup(click.Group):
+    """The commands defined here and those the stages registered (imported when listed or called).
+
+    A PipelineError is printed as one clear line with exit status 1, instead of a traceback.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *registry.commands()})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        registered = registry.commands()
+        if name in registered:
+            return registry.resolve(registered[name])
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -30,7 +39,7 @@ class _ReportErrors(click.Group):
             sys.exit(1)
 
 
-@click.group(cls=_ReportErrors)
+@click.group(cls=_PipelineGroup)
 @click.option(
     "--catalog",
     "catalog_path",
@@ -57,7 +66,7 @@ def cli(ctx: click.Context, catalog_path: Path, verbose: int, quiet: bool) -> No
     "--stage",
     "stages",
     multiple=True,
-    type=click.Choice(STAGE_ORDER),
+    type=click.Choice(tuple(registry.stages())),
     help="Stage(s) to run; without it, all stages in order.",
 )
 @click.option("--dataset", "datasets", multiple=True, help="Dataset(s) from the catalog; without it, all.")
@@ -127,8 +136,6 @@ def run(
 ) -> None:
     """Run pipeline stages; only missing work is done unless --force."""
     catalog = load_catalog(ctx.obj["catalog_path"])
-    check_matchers(catalog)  # before any stage starts: bad values named where they came from
-    select_sweeps(catalog, matchers, overrides)
     if not run_name or Path(run_name).name != run_name or run_name.startswith("."):
         raise click.UsageError(f"--run {run_name!r}: expected a plain folder name (no '/', not starting with '.')")
     if archives and len(datasets) != 1:
@@ -150,20 +157,17 @@ def run(
         categories=categories,
         max_pairs=max_pairs,
     )
+    for check in registry.run_checks():  # before any stage starts: bad values named where they came from
+        registry.resolve(check)(catalog, options)
     with damage.collecting() as found:
         try:
             run_stages(catalog, stages, datasets, options)
         finally:
             if verify:
                 _echo_damage(found, "verify: every record read back intact")
-    from pipeline import results  # imports pandas: only after a run
-
-    if "match" in (stages or STAGE_ORDER):
-        click.echo((results.run_dir(catalog.stores.outputs, run_name) / "summary.md").read_text())
-    if "report" in (stages or STAGE_ORDER):
-        from stages.report.stage import report_dir  # the stage ran: its imports are loaded already
-
-        click.echo(f"report: {report_dir(results.run_dir(catalog.stores.outputs, run_name)) / 'index.html'}")
+    for name, entry in registry.stages().items():
+        if entry.announce and (not stages or name in stages):
+            click.echo(registry.resolve(entry.announce)(catalog, run_name))
 
 
 @cli.command()
@@ -193,127 +197,6 @@ def _echo_damage(found: list[damage.Damage], when_none: str) -> None:
             click.echo(f"  {record.line()}")
     elif when_none:
         click.echo(when_none)
-
-
-@cli.command("list")
-@click.argument("sections", nargs=-1, type=click.Choice(["datasets", "backbones", "matchers", "runs"]))
-@click.pass_context
-def list_command(ctx: click.Context, sections: tuple[str, ...]) -> None:
-    """List the catalog's datasets, backbones, matchers (parameters and defaults) and the runs in <outputs>."""
-    from pipeline.listing import listing
-
-    def matcher_params(spec):  # the parameter classes live in stages/: imported only for this section
-        from stages.matcher_params import PARAMS, parse_params
-
-        return dataclasses.asdict(parse_params(spec)), dataclasses.asdict(PARAMS[spec.method]())
-
-    for line in listing(load_catalog(ctx.obj["catalog_path"]), matcher_params, sections):
-        click.echo(line)
-
-
-@cli.command()
-@click.option(
-    "--run", "run_name", default="default", show_default=True, metavar="NAME", help="The run: <outputs>/NAME."
-)
-@click.pass_context
-def report(ctx: click.Context, run_name: str) -> None:
-    """Build the report of an existing run: tables, plots and match pictures in <outputs>/NAME/report/."""
-    from stages.report.stage import build_report  # imports matplotlib: only when needed
-
-    click.echo(f"report: {build_report(load_catalog(ctx.obj['catalog_path']), run_name).index}")
-
-
-@cli.command("export-tss")
-@click.option("--run", "run_name", required=True, metavar="NAME", help="The run whose flows to export.")
-@click.option("--matcher", required=True, metavar="NAME", help="A setting's label or key, or a matcher name.")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
-@click.option("--dataset", metavar="NAME", help="The TSS dataset, when the run matched several.")
-@click.pass_context
-def export_tss(ctx: click.Context, run_name: str, matcher: str, out: Path, dataset: str | None) -> None:
-    """Write a setting's predicted TSS flows as OUT/<subset>/<pair>/flow1.flo, flow2.flo (the kit's layout)."""
-    from stages.match.stage import export_tss as export  # imports torch: only when needed
-
-    count = export(load_catalog(ctx.obj["catalog_path"]), run_name, matcher, out, dataset)
-    click.echo(f"exported the flows of {count} pair(s) to {out}")
-
-
-@cli.command("score-tss")
-@click.argument("results_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--dataset-dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="The ground truth's TSS_CVPR2016 folder (default: the catalog's tss raw folder).",
-)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also write every row to this CSV.")
-@click.option("-v", "--verbose", "all_rows", is_flag=True, help="Print every direction's row and T1..T50.")
-@click.pass_context
-def score_tss(
-    ctx: click.Context, results_dir: Path, dataset_dir: Path | None, out: Path | None, all_rows: bool
-) -> None:
-    """Score flows in the TSS kit's layout (RESULTS_DIR/<subset>/<pair>/flowN.flo) as the official kit does."""
-    from stages.match.stage import default_tss_dir, score_tss_folders  # imports torch: only when needed
-
-    dataset_dir = dataset_dir or default_tss_dir(load_catalog(ctx.obj["catalog_path"]))
-    rows = [
-        {"Subset": subset, **row}
-        for subset, scores in score_tss_folders(results_dir, dataset_dir).items()
-        for row in scores.rows()
-    ]
-    if out is not None:
-        with out.open("w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    thresholds = [f"T{t}" for t in range(1, 51)] if all_rows else ["T5"]
-    shown = rows if all_rows else [row for row in rows if row["Row"] in ("Average", "w/o flip")]
-    click.echo(" ".join([f"{'subset':<8} {'row':<24} {'flip':>4}", *(f"{t:>8}" for t in thresholds)]))
-    for row in shown:
-        values = (f"{row[t]:8.6f}" for t in thresholds)
-        click.echo(" ".join([f"{row['Subset']:<8} {row['Row']:<24} {row['Flip']:>4}", *values]))
-
-
-@cli.command("match-pair")
-@click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("trg", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--points",
-    "points",
-    multiple=True,
-    metavar="X,Y [X,Y ...]",
-    help='Source pixels to transfer, e.g. --points "120,64 30,40" (default: an 8 x 8 grid).',
-)
-@click.option("--backbone", metavar="NAME", help="A catalog backbone (default: default_backbone).")
-@click.option("--matcher", "matchers", multiple=True, metavar="NAME", help="Catalog matcher(s); default: nn, gwot.")
-@click.option(
-    "--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default: <outputs>/match-pair)."
-)
-@click.pass_context
-def match_pair_command(
-    ctx: click.Context,
-    src: Path,
-    trg: Path,
-    points: tuple[str, ...],
-    backbone: str | None,
-    matchers: tuple[str, ...],
-    out: Path | None,
-) -> None:
-    """Match your own image pair SRC -> TRG; write one picture per matcher and a JSON of the points."""
-    from stages.features.stage import resolve_backbone  # imports torch and timm: only when needed
-    from stages.report.match_pair import DEFAULT_MATCHERS, match_pair, parse_points
-
-    catalog = load_catalog(ctx.obj["catalog_path"])
-    check_matchers(catalog)
-    result = match_pair(
-        src,
-        trg,
-        backbone=resolve_backbone(catalog, backbone),
-        matchers=[catalog.matcher(name) for name in matchers or DEFAULT_MATCHERS],
-        points=parse_points(points),
-        out_dir=out or Path(catalog.stores.outputs) / "match-pair",
-    )
-    for name, picture in result.pictures.items():
-        click.echo(f"{name}: {picture}")
-    click.echo(f"points and predictions: {result.json_path}")
 
 
 def main() -> None:

@@ -2,19 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import TypeVar
-
 from tqdm.auto import tqdm
-
-T = TypeVar("T")
-
-
-def progress(
-    items: Iterable[T], *, enabled: bool, total: int | None = None, desc: str = "", unit: str = "it"
-) -> Iterator[T]:
-    """Iterate over ``items`` with a progress bar when ``enabled``."""
-    yield from tqdm(items, total=total, desc=desc, unit=unit, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
 def progress_bar(*, enabled: bool, total: int | None = None, desc: str = "", unit: str = "it") -> tqdm:

@@ -220,14 +220,6 @@ def pck_long(pairs: pd.DataFrame) -> pd.DataFrame:
     return long.astype({"alpha": "float64", "n_correct": "int64", "pck": "float64"})
 
 
-def flow_table(pairs: pd.DataFrame) -> pd.DataFrame:
-    """The rows with flow accuracies, ``flow_accuracy`` spread into columns ``T1`` .. ``T50``."""
-    scored = pairs[pairs["flow_accuracy"].notna()]
-    columns = [f"T{t}" for t in FLOW_THRESHOLDS]
-    spread = pd.DataFrame(np.stack(scored["flow_accuracy"].to_numpy()) if len(scored) else None, columns=columns)
-    return pd.concat([scored.drop(columns="flow_accuracy").reset_index(drop=True), spread], axis=1)
-
-
 def _pck_summary(pairs: pd.DataFrame) -> pd.DataFrame:
     long = pck_long(pairs[pairs["n_kps"] > 0])
     long["fraction"] = long["n_correct"] / long["n_kps"]

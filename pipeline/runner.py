@@ -1,37 +1,18 @@
-"""Stage order and dispatch: every stage entry exposes ``run(ctx)`` and ``status(ctx, dataset)``."""
+"""Run stages in order and read their status; each registered stage has ``run(ctx)`` and ``status(ctx, dataset)``."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
-from types import ModuleType
 
+from pipeline import registry
 from pipeline.cache import check_store_root, sweep_temporaries
 from pipeline.catalog import Catalog
 from pipeline.context import RunOptions, StageContext, StageStatus
-from pipeline.errors import CatalogError
 
 log = logging.getLogger(__name__)
-
-# Stage name -> module holding its entry, in the order a full run executes them.
-STAGES = {
-    "download": "stages.download.stage",
-    "normalize": "stages.datasets.stage",
-    "features": "stages.features.stage",
-    "match": "stages.match.stage",
-    "report": "stages.report.stage",
-}
-STAGE_ORDER = tuple(STAGES)
-
-
-def stage_module(name: str) -> ModuleType:
-    """The module implementing stage ``name``."""
-    if name not in STAGES:
-        raise CatalogError(f"unknown stage {name!r}; valid stages: {', '.join(STAGE_ORDER)}")
-    return importlib.import_module(STAGES[name])
 
 
 def select_datasets(catalog: Catalog, names: Iterable[str]) -> tuple[str, ...]:
@@ -44,7 +25,10 @@ def select_datasets(catalog: Catalog, names: Iterable[str]) -> tuple[str, ...]:
 
 def run_stages(catalog: Catalog, stages: Sequence[str], datasets: Sequence[str], options: RunOptions) -> None:
     """Run ``stages`` (all, when empty) in pipeline order over ``datasets`` (all, when empty)."""
-    selected = [s for s in STAGE_ORDER if s in set(stages)] if stages else list(STAGE_ORDER)
+    order = tuple(registry.stages())
+    for name in stages:
+        registry.stage_module(name)  # an unknown stage is an error before any stage runs
+    selected = [s for s in order if s in set(stages)] if stages else list(order)
     ctx = StageContext(catalog=catalog, datasets=select_datasets(catalog, datasets), options=options)
     for root, path in asdict(catalog.stores).items():
         check_store_root(path, f"stores.{root}")
@@ -53,7 +37,7 @@ def run_stages(catalog: Catalog, stages: Sequence[str], datasets: Sequence[str],
     for name in selected:
         start = time.perf_counter()
         log.info("stage %s: %s", name, ", ".join(ctx.datasets))
-        stage_module(name).run(ctx)
+        registry.stage_module(name).run(ctx)
         log.info("stage %s finished in %.1f s", name, time.perf_counter() - start)
 
 
@@ -63,5 +47,7 @@ def status_table(
     """``(dataset, stage, status)`` for every selected dataset and stage (``options``: backbone and run)."""
     ctx = StageContext(catalog=catalog, datasets=select_datasets(catalog, datasets), options=options or RunOptions())
     return [
-        (dataset, name, stage_module(name).status(ctx, dataset)) for dataset in ctx.datasets for name in STAGE_ORDER
+        (dataset, name, registry.stage_module(name).status(ctx, dataset))
+        for dataset in ctx.datasets
+        for name in registry.stages()
     ]

@@ -1,4 +1,4 @@
-"""Middlebury ``.flo`` optical-flow files: read and write, with the TSS validity convention."""
+"""The TSS kit's per-pair files: Middlebury ``.flo`` flows (with the TSS validity convention) and ``flip_gt.txt``."""
 
 from __future__ import annotations
 
@@ -45,3 +45,14 @@ def write_flo(path: str | Path, flow: np.ndarray) -> None:
 def flow_validity(flow: np.ndarray) -> np.ndarray:
     """[H, W] bool: vectors that are known (|u| <= 1e9 and |v| <= 1e9)."""
     return (np.abs(flow[..., 0]) <= UNKNOWN_THRESHOLD) & (np.abs(flow[..., 1]) <= UNKNOWN_THRESHOLD)
+
+
+def read_flip(path: Path) -> bool:
+    """A pair's ``flip_gt.txt``: True when the pair is mirrored; DataError unless the file holds 0 or 1."""
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        raise DataError(path, "flip_gt.txt is missing") from None
+    if text not in ("0", "1"):
+        raise DataError(path, f"expected 0 or 1, got {text[:20]!r}")
+    return text == "1"

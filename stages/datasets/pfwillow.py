@@ -134,7 +134,8 @@ def _all_pairs(images: dict[str, _Image]) -> list[dict]:
     return [_pair_row(src, trg) for members in by_class.values() for src, trg in itertools.permutations(members, 2)]
 
 
-def _is_number(text: str) -> bool:
+def _parses_as_float(text: str) -> bool:
+    """A CSV cell that ``float()`` reads (a header cell does not)."""
     try:
         float(text)
     except ValueError:
@@ -178,7 +179,7 @@ def _csv_pairs(csv_path: Path, images: dict[str, _Image], bad: BadItems) -> list
     """The pairs the csv lists, each row checked under ``bad``; a repeated pair is an error."""
     with csv_path.open(newline="") as f:
         rows = [(line, fields) for line, fields in enumerate(csv.reader(f), start=1) if fields]
-    if rows and len(rows[0][1]) > 2 and not _is_number(rows[0][1][2]):
+    if rows and len(rows[0][1]) > 2 and not _parses_as_float(rows[0][1][2]):
         rows = rows[1:]
     if not rows:
         raise DataError(csv_path, "the pair list has no rows")

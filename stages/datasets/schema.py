@@ -12,16 +12,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from stages.evaluate.pck import THRESHOLD_KINDS
+
 POINT = pa.list_(pa.float64(), 2)
 POINTS = pa.list_(POINT)
 BOX = pa.list_(pa.float64(), 4)
-
-# Threshold kinds of the PCK protocols (DATASETS.md): alpha times ...
-THRESHOLD_KINDS = (
-    "trg_bbox",  # max(w, h) of the target bounding box (SPair-71k)
-    "trg_image",  # max(H, W) of the target image (PF-PASCAL, TSS, demo)
-    "trg_kps",  # max extent of the target keypoints (PF-WILLOW)
-)
 
 IMAGES_SCHEMA = pa.schema(
     [

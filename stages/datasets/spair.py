@@ -85,7 +85,8 @@ def _get(data: dict[str, Any], key: str, path: Path) -> Any:
     return data[key]
 
 
-def _is_number(value: Any) -> bool:
+def _is_finite_number(value: Any) -> bool:
+    """A JSON value that is an int (not a bool) or a finite float."""
     return (isinstance(value, int) and not isinstance(value, bool)) or (
         isinstance(value, float) and math.isfinite(value)
     )
@@ -94,7 +95,7 @@ def _is_number(value: Any) -> bool:
 def _numbers(data: dict[str, Any], key: str, count: int, path: Path) -> list[float]:
     """Field ``key`` as exactly ``count`` finite numbers."""
     value = _get(data, key, path)
-    if not isinstance(value, list) or len(value) != count or not all(map(_is_number, value)):
+    if not isinstance(value, list) or len(value) != count or not all(map(_is_finite_number, value)):
         raise DataError(path, f"{key}: expected a list of {count} numbers, got {reprlib.repr(value)}")
     return [float(v) for v in value]
 
@@ -119,7 +120,7 @@ def _points(data: dict[str, Any], key: str, path: Path) -> list[list[float]]:
     """Field ``key`` = a list of ``[x, y]`` pixel pairs, [K, 2]."""
     value = _get(data, key, path)
     if not isinstance(value, list) or not all(
-        isinstance(p, list) and len(p) == 2 and all(map(_is_number, p)) for p in value
+        isinstance(p, list) and len(p) == 2 and all(map(_is_finite_number, p)) for p in value
     ):
         raise DataError(path, f"{key}: expected a list of [x, y] number pairs, got {reprlib.repr(value)}")
     return as_points(value)

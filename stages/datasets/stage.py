@@ -4,24 +4,34 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import registry
 from pipeline.cache import Ledger, atomic_path
 from pipeline.context import StageContext, StageStatus
 from pipeline.damage import repairing, report_damage
 from pipeline.errors import DataError, StageError
-from stages.datasets import dataset_module
 from stages.datasets.common import BadItems
 from stages.datasets.schema import BAD_ITEMS_SCHEMA, IMAGES_SCHEMA, PAIRS_SCHEMA
-from stages.download import stage as download_stage
 
 log = logging.getLogger(__name__)
 
 UNIT = "normalized"
-TABLES = ("images.parquet", "pairs.parquet", "bad_items.parquet")
-RECORD_KEYS = ("images", "pairs", "bad_items")  # the ledger's row count of each table
+
+
+class NormalizedTables(NamedTuple):
+    """The file names of a normalised dataset's tables."""
+
+    images: str
+    pairs: str
+    bad_items: str
+
+
+TABLES = NormalizedTables("images.parquet", "pairs.parquet", "bad_items.parquet")
+RECORD_KEYS = NormalizedTables._fields  # the ledger's row count of each table
 
 
 def run(ctx: StageContext) -> None:
@@ -36,6 +46,7 @@ def run(ctx: StageContext) -> None:
             log.info("normalize %s: already done", name)
             continue
         spec = ctx.catalog.dataset(name)
+        download_stage = registry.stage_module("download")  # by name: the two stages share no code
         if not spec.sources and not download_stage.status(ctx, name).complete:
             # A generated dataset (the demo) has nothing to download: make it here, offline and cheap.
             download_stage.run(StageContext(catalog=ctx.catalog, datasets=(name,), options=ctx.options))
@@ -48,9 +59,9 @@ def run(ctx: StageContext) -> None:
         _check_splits(ctx, name, pairs)
         ledger.clear(UNIT)  # the new tables replace the old ones: only now are the old ones given up
         for table, filename, schema in (
-            (images, TABLES[0], IMAGES_SCHEMA),
-            (pairs, TABLES[1], PAIRS_SCHEMA),
-            (pa.Table.from_pylist(bad.rows(), schema=BAD_ITEMS_SCHEMA), TABLES[2], BAD_ITEMS_SCHEMA),
+            (images, TABLES.images, IMAGES_SCHEMA),
+            (pairs, TABLES.pairs, PAIRS_SCHEMA),
+            (pa.Table.from_pylist(bad.rows(), schema=BAD_ITEMS_SCHEMA), TABLES.bad_items, BAD_ITEMS_SCHEMA),
         ):
             with atomic_path(out_dir / filename) as tmp:
                 pq.write_table(table.cast(schema), tmp, write_page_checksum=True)
@@ -60,7 +71,7 @@ def run(ctx: StageContext) -> None:
                 "normalize %s: %d bad item(s) skipped, listed in %s",
                 name,
                 len(bad.items),
-                out_dir / TABLES[2],
+                out_dir / TABLES.bad_items,
             )
         log.info("normalize %s: %d images, %d pairs", name, images.num_rows, pairs.num_rows)
 
@@ -68,7 +79,7 @@ def run(ctx: StageContext) -> None:
 def _check_splits(ctx: StageContext, name: str, pairs: pa.Table) -> None:
     """A selected split without pairs is an error naming its pair list (with ``--skip-bad``: a warning)."""
     spec = ctx.catalog.dataset(name)
-    module = dataset_module(spec.kind)
+    module = registry.dataset_module(spec.kind)
     found = set(pairs.column("split").to_pylist())
     for split in dict.fromkeys(spec.splits):
         if split in found:
@@ -113,7 +124,7 @@ def normalize_dataset(ctx: StageContext, name: str) -> tuple[pa.Table, pa.Table,
     """Run the dataset's normaliser over its raw folder; returns (images, pairs, bad items)."""
     spec = ctx.catalog.dataset(name)
     bad = BadItems(dataset=name, skip_bad=ctx.options.skip_bad)
-    images, pairs = dataset_module(spec.kind).normalize(ctx.catalog.raw_dir(name), spec, bad)
+    images, pairs = registry.dataset_module(spec.kind).normalize(ctx.catalog.raw_dir(name), spec, bad)
     return images, pairs, bad
 
 
@@ -144,4 +155,4 @@ def status(ctx: StageContext, dataset: str) -> StageStatus:
 
 def read_tables(out_dir: Path) -> tuple[pa.Table, pa.Table]:
     """Read a dataset's normalised ``(images, pairs)`` tables."""
-    return pq.read_table(out_dir / TABLES[0]), pq.read_table(out_dir / TABLES[1])
+    return pq.read_table(out_dir / TABLES.images), pq.read_table(out_dir / TABLES.pairs)

@@ -24,7 +24,7 @@ from pipeline.catalog import DatasetSpec
 from pipeline.config import from_mapping
 from pipeline.errors import DataError
 from stages.datasets.common import BadItems, as_points, check_points_inside, image_size
-from stages.datasets.flo import read_flo
+from stages.datasets.flo import read_flip, read_flo
 from stages.datasets.schema import images_table, pairs_table
 
 ROOT = "TSS_CVPR2016"
@@ -56,16 +56,6 @@ def load_mask(path: str | Path) -> np.ndarray:
             return np.asarray(im) > 0
     except UnidentifiedImageError as exc:
         raise DataError(path, "not a readable image") from exc
-
-
-def _read_flip(path: Path) -> bool:
-    """The ``flip_gt.txt`` flag: True when the pair is mirrored; DataError unless the file holds 0 or 1."""
-    if not path.is_file():
-        raise DataError(path, "flip file is missing")
-    text = path.read_text().strip()
-    if text not in ("0", "1"):
-        raise DataError(path, f"expected 0 or 1, got {text[:20]!r}")
-    return text == "1"
 
 
 def _read_corr(path: Path) -> np.ndarray:
@@ -127,7 +117,7 @@ def _read_pair(pair_dir: Path, subset: str, raw_dir: Path) -> tuple[list[dict], 
                 "mask_path": _relative(mask, raw_dir),
             }
         )
-    flip = _read_flip(pair_dir / "flip_gt.txt")
+    flip = read_flip(pair_dir / "flip_gt.txt")
     corr_path = pair_dir / "corr.txt"
     kps = dict(zip((1, 2), _corr_to_pixels(_read_corr(corr_path), sizes[1], sizes[2]), strict=True))
     for number in (1, 2):

@@ -22,7 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-THRESHOLD_KINDS = ("trg_bbox", "trg_image", "trg_kps")
+# Threshold kinds of the PCK protocols (DATASETS.md): alpha times ...
+THRESHOLD_KINDS = (
+    "trg_bbox",  # max(w, h) of the target bounding box (SPair-71k)
+    "trg_image",  # max(H, W) of the target image (PF-PASCAL, TSS, demo)
+    "trg_kps",  # max extent of the target keypoints (PF-WILLOW)
+)
 
 
 def reference_length(
@@ -67,19 +72,6 @@ def _require(kind: str, name: str, value: object, shape: tuple[int, ...]) -> np.
     if not np.isfinite(array).all():
         raise ValueError(f"{name} holds non-finite values: {array.tolist()}")
     return array
-
-
-def pck_threshold(
-    kind: str,
-    *,
-    alpha: float,
-    trg_image_size: tuple[int, int] | None = None,
-    trg_bbox: np.ndarray | list[float] | None = None,
-    trg_kps: np.ndarray | list[list[float]] | None = None,
-) -> float:
-    """The PCK threshold ``alpha * reference_length(kind, ...)`` in original target pixels."""
-    length = reference_length(kind, trg_image_size=trg_image_size, trg_bbox=trg_bbox, trg_kps=trg_kps)
-    return float(alpha) * length
 
 
 def keypoint_errors(pred: np.ndarray, true: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import DataError
-from stages.datasets.flo import UNKNOWN_FLOW, flow_validity, read_flo
+from stages.datasets.flo import UNKNOWN_FLOW, flow_validity, read_flip, read_flo
 
 THRESHOLDS_PERCENT = np.arange(1, 51)  # the kit's T1..T50, in % of the larger side of the image flowed into
 MISMATCH_ERROR = 1000.0  # the kit's error where exactly one of prediction and ground truth is known
@@ -202,17 +202,6 @@ def _mean(values: np.ndarray) -> np.ndarray | float:
     return values.mean(axis=0) if len(values) else np.full(values.shape[1:], np.nan)
 
 
-def _read_flip(path: Path) -> bool:
-    """A pair's flip_gt.txt: True when the pair is mirrored."""
-    try:
-        text = path.read_text().strip()
-    except FileNotFoundError:
-        raise DataError(path, "flip_gt.txt is missing") from None
-    if text not in ("0", "1"):
-        raise DataError(path, f"expected 0 or 1, got {text[:20]!r}")
-    return text == "1"
-
-
 def _read_pair_names(path: Path) -> tuple[str, str]:
     """The original (image1, image2) file names from a pair's pair.txt."""
     try:
@@ -260,7 +249,7 @@ def score_tss_results(
         gt_dir = dataset_dir / pred_dir.name
         pred_flows = [read_flo(pred_dir / "flow1.flo"), read_flo(pred_dir / "flow2.flo")]
         gt_flows = [read_flo(gt_dir / "flow1.flo"), read_flo(gt_dir / "flow2.flo")]
-        flip = _read_flip(gt_dir / "flip_gt.txt")
+        flip = read_flip(gt_dir / "flip_gt.txt")
         names = _read_pair_names(gt_dir / "pair.txt")
         for src, trg in ((0, 1), (1, 0)):
             trg_size = (gt_flows[trg].shape[1], gt_flows[trg].shape[0])

@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 # Part of every feature store's key: bump it with any change to the canvases or a backbone's code that
 # alters the tokens, so features of the older code are never taken as computed.
 FEATURES_VERSION = 1
-DEVICES = ("cuda", "cpu")  # the devices a store's key can name, in the order open_features prefers them
+GPU, CPU = "cuda", "cpu"
+DEVICES = (GPU, CPU)  # the devices a store's key can name, in the order open_features prefers them
 
 
 def resolve_backbone(catalog: Catalog, name: str | None) -> BackboneSpec:
@@ -84,7 +85,7 @@ def stored_params(key_params: dict[str, Any], spec: BackboneSpec) -> dict[str, A
 
 
 def features_path(catalog: Catalog, dataset: str, params: dict[str, Any]) -> str:
-    """``<cache_root>/features/<dataset>/<model>-<size>[-RANDOM]-<hash>.zarr`` (a path or fsspec URL)."""
+    """``<cache_root>/features/<dataset>/<model>-<size>[-RANDOM]-<hash>.zarr``."""
     return f"{catalog.stores.cache_root.rstrip('/')}/features/{dataset}/{backbone_key(params)}.zarr"
 
 
@@ -255,7 +256,7 @@ def worker_device(client: Client) -> str:
             f"{len(with_gpu)} of {len(answers)} Dask workers have a GPU ({', '.join(with_gpu)}); GPUs "
             "compute in bfloat16 and CPUs in float32, so one store cannot take both: use one kind of worker"
         )
-    return DEVICES[0] if next(iter(answers.values())) else DEVICES[1]
+    return GPU if next(iter(answers.values())) else CPU
 
 
 def _backbone_dim(spec: BackboneSpec, device: str) -> int:
@@ -393,7 +394,7 @@ def _complete_without_a_cluster(ctx: StageContext, spec: BackboneSpec, tables: d
         paths = {features_path(ctx.catalog, dataset, store_params(spec, device)) for device in DEVICES}
         if not any(_store_exists(path) for path in paths):
             return False
-    params = store_params(spec, DEVICES[0] if _cuda_available() else DEVICES[1])
+    params = store_params(spec, GPU if _cuda_available() else CPU)
     for dataset, images in tables.items():
         try:
             store = FeatureStore.open(features_path(ctx.catalog, dataset, params))
@@ -451,7 +452,7 @@ def status(ctx: StageContext, dataset: str) -> StageStatus:
     name = ctx.options.backbone or ctx.catalog.default_backbone
     if name is None:
         return StageStatus(0, None, "no backbone: pass --backbone or set default_backbone")
-    n_images = pq.read_metadata(ctx.catalog.normalized_dir(dataset) / normalize_stage.TABLES[0]).num_rows
+    n_images = pq.read_metadata(ctx.catalog.normalized_dir(dataset) / normalize_stage.TABLES.images).num_rows
     try:
         store = open_features(ctx.catalog, dataset, name)
     except FeatureStoreError:

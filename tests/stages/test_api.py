@@ -99,16 +99,22 @@ def test_bad_arguments_raise_value_or_type_errors_before_any_model_is_loaded(pho
     assert api.load_backbone.cache_info().misses == loads
 
 
-def test_the_package_exports_the_api_and_its_version_and_imports_no_torch():
+def test_the_package_exports_the_api_and_its_version_and_the_help_imports_no_stage():
     from pipeline import __version__, load_pair, match_images
 
     assert match_images is api.match_images and load_pair is api.load_pair
     assert __version__ == "0.1.0"
     with pytest.raises(AttributeError, match="no attribute 'match_pictures'"):
         pipeline.match_pictures  # noqa: B018
-    code = "import sys, pipeline, pipeline.cli; print(sorted(m for m in ('torch', 'stages.api') if m in sys.modules))"
+    assert pipeline.__all__ == ["__version__", "match_images", "load_pair", "Match", "BenchmarkPair", "PairFeatures"]
+    code = (
+        "import sys; from click.testing import CliRunner; from pipeline.cli import cli; "
+        "assert CliRunner().invoke(cli, ['--help']).exit_code == 0; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'stages', 'pandas', 'matplotlib')))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
-    assert result.stdout.strip() == "[]"
+    # `pipeline --help` reads the registry and the registered commands: no stage, no torch, pandas or matplotlib
+    assert result.stdout.strip() == "['stages', 'stages.commands', 'stages.listing', 'stages.matcher_params']"
 
 
 @pytest.fixture(scope="module")

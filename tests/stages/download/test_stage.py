@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from pipeline import registry
 from pipeline.cache import Ledger
 from pipeline.catalog import load_catalog
 from pipeline.context import RunOptions, StageContext
 from pipeline.errors import ChecksumError, DownloadError, StageError, UnsafeArchiveError
-from stages.download import stage
 from stages.download.stage import run, status
 
 ZIP_NAME, CSV_NAME = "TSS_CVPR2016.zip", "test_pairs.csv"
@@ -209,7 +209,7 @@ def test_unsafe_archive_leaves_nothing_extracted(server, tmp_path):
 
 
 def _fake_kind(monkeypatch) -> list[dict]:
-    """Replace the demo kind's module by one whose ``materialize`` writes one file and logs its calls."""
+    """Replace the demo kind's registered source by one whose ``materialize`` writes one file and logs its calls."""
     calls: list[dict] = []
 
     def materialize(raw_dir: Path, spec) -> None:
@@ -219,7 +219,7 @@ def _fake_kind(monkeypatch) -> list[dict]:
         if spec.options.get("fail"):
             raise RuntimeError("generator failed")
 
-    monkeypatch.setattr(stage, "dataset_module", lambda kind: SimpleNamespace(materialize=materialize))
+    monkeypatch.setattr(registry, "source_module", lambda kind: SimpleNamespace(materialize=materialize))
     return calls
 
 

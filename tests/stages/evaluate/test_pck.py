@@ -10,38 +10,37 @@ from stages.evaluate.pck import (
     correct_keypoints,
     keypoint_errors,
     pck_per_pair,
-    pck_threshold,
     reference_length,
 )
 
 
 def test_trg_bbox_threshold_uses_the_longer_bbox_side() -> None:
     # w = 110 - 10 = 100, h = 70 - 20 = 50
-    assert pck_threshold("trg_bbox", alpha=0.1, trg_bbox=[10, 20, 110, 70]) == pytest.approx(10.0)
+    assert 0.1 * reference_length("trg_bbox", trg_bbox=[10, 20, 110, 70]) == pytest.approx(10.0)
     # a tall box: h wins
-    assert pck_threshold("trg_bbox", alpha=0.1, trg_bbox=[0, 0, 30, 80]) == pytest.approx(8.0)
+    assert 0.1 * reference_length("trg_bbox", trg_bbox=[0, 0, 30, 80]) == pytest.approx(8.0)
 
 
 def test_trg_image_threshold_uses_the_longer_image_side() -> None:
-    assert pck_threshold("trg_image", alpha=0.05, trg_image_size=(640, 480)) == pytest.approx(32.0)
-    assert pck_threshold("trg_image", alpha=0.1, trg_image_size=(300, 500)) == pytest.approx(50.0)
+    assert 0.05 * reference_length("trg_image", trg_image_size=(640, 480)) == pytest.approx(32.0)
+    assert 0.1 * reference_length("trg_image", trg_image_size=(300, 500)) == pytest.approx(50.0)
 
 
 def test_trg_kps_threshold_uses_the_larger_keypoint_extent() -> None:
     kps = [[5, 10], [35, 15], [15, 50]]  # x extent 30, y extent 40
-    assert pck_threshold("trg_kps", alpha=0.1, trg_kps=kps) == pytest.approx(4.0)
+    assert 0.1 * reference_length("trg_kps", trg_kps=kps) == pytest.approx(4.0)
     assert reference_length("trg_kps", trg_kps=kps) == 40.0
 
 
 def test_unknown_kind_and_missing_inputs_are_rejected() -> None:
     with pytest.raises(ValueError, match=r"unknown PCK threshold kind 'src_bbox'; expected one of trg_bbox"):
-        pck_threshold("src_bbox", alpha=0.1, trg_bbox=[0, 0, 1, 1])
+        0.1 * reference_length("src_bbox", trg_bbox=[0, 0, 1, 1])
     with pytest.raises(ValueError, match="'trg_bbox' needs trg_bbox, which was not given"):
-        pck_threshold("trg_bbox", alpha=0.1, trg_image_size=(10, 10))
+        0.1 * reference_length("trg_bbox", trg_image_size=(10, 10))
     with pytest.raises(ValueError, match=r"trg_image_size must have shape \[2\]"):
-        pck_threshold("trg_image", alpha=0.1, trg_image_size=(10, 10, 3))
+        0.1 * reference_length("trg_image", trg_image_size=(10, 10, 3))
     with pytest.raises(ValueError, match="non-positive reference length"):
-        pck_threshold("trg_kps", alpha=0.1, trg_kps=[[3, 4]])
+        0.1 * reference_length("trg_kps", trg_kps=[[3, 4]])
 
 
 def test_error_equal_to_the_threshold_counts_as_correct() -> None:
@@ -49,7 +48,7 @@ def test_error_equal_to_the_threshold_counts_as_correct() -> None:
     true = np.zeros((3, 2))
     errors = keypoint_errors(pred, true)
     np.testing.assert_allclose(errors, [5.0, 6.0, np.sqrt(2)])
-    threshold = pck_threshold("trg_image", alpha=0.125, trg_image_size=(40, 30))  # exactly 5.0
+    threshold = 0.125 * reference_length("trg_image", trg_image_size=(40, 30))  # exactly 5.0
     assert threshold == 5.0
     np.testing.assert_array_equal(correct_keypoints(errors, threshold), [True, False, True])
     assert pck_per_pair(errors, threshold) == pytest.approx(2 / 3)

@@ -219,6 +219,7 @@ def timm_random_pos_embed(model: str, seed: int = 0) -> torch.Tensor:
         return timm.create_model(model, pretrained=False, num_classes=0).pos_embed.detach()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [SMALL, SMALL_REG4])
 def test_position_embedding_is_resampled_as_the_original_dinov2_code(model):
     registers = model == SMALL_REG4
@@ -281,6 +282,7 @@ def original_dinov2_tokens(state: dict[str, torch.Tensor], x: torch.Tensor, *, h
     return tokens[:, 1 + len(registers[0]) :].reshape(batch, grid, grid, dim)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [SMALL, SMALL_REG4])
 def test_original_checkpoint_at_840_px_gives_the_original_codes_tokens(model, tmp_path):
     source = scrambled(random_vit(model, size=518))
@@ -335,6 +337,7 @@ HOW_TO_USE_A_FILE = (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("env", "reason"),
     [

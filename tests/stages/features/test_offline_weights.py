@@ -48,6 +48,7 @@ def features_run(env: dict[str, str], *options: str) -> subprocess.CompletedProc
     return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=environ)
 
 
+@pytest.mark.slow
 def test_unreachable_hub_fails_in_one_line_that_names_the_model_and_the_fix_before_any_cluster(stores):
     # A machine without a network: the hub's address refuses connections and offline mode is not set.
     result = features_run({**stores, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
@@ -61,6 +62,7 @@ def test_unreachable_hub_fails_in_one_line_that_names_the_model_and_the_fix_befo
     assert not (Path(stores["PIPELINE_CACHE_ROOT"]) / "features").exists()
 
 
+@pytest.mark.slow
 def test_offline_mode_fails_with_that_line_alone(stores):
     result = features_run({**stores, "HF_HUB_OFFLINE": "1"}, "-q")
     assert result.returncode == 1

@@ -190,6 +190,7 @@ def test_a_second_run_computes_nothing_and_force_recomputes_everything(catalog, 
         np.testing.assert_array_equal(old, new)
 
 
+@pytest.mark.slow
 def test_one_or_two_worker_processes_and_batch_sizes_give_the_same_store(tmp_path, demo_data):
     one = load_catalog(write_catalog(tmp_path / "one", data_root=demo_data), environ={})
     two = load_catalog(

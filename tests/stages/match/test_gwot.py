@@ -124,6 +124,7 @@ def test_without_quadratic_terms_one_step_is_unbalanced_entropic_ot():
     assert result.outer_steps.tolist() == [2] and result.converged.item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("settings", [{}, {"w_y": 0.5}, {"rho": math.inf, "w_s": 0.3}])
 def test_objective_does_not_increase_over_outer_steps(settings):
     src_feats, trg_feats = smooth_features(2, 6, 7, seed=5), smooth_features(2, 7, 6, seed=6)
@@ -199,6 +200,7 @@ def test_unconverged_pairs_are_reported_and_counted_in_one_warning():
     assert not cut_short.converged.any() and cut_short.outer_steps.tolist() == [2, 2, 2]
 
 
+@pytest.mark.slow
 def test_float32_matches_float64_and_small_eps_stays_finite():
     src_feats, trg_feats = smooth_features(2, 8, 8, seed=11), smooth_features(2, 7, 9, seed=12)
     double = gwot(src_feats, trg_feats, inner_iters=2000, inner_tol=1e-9, outer_tol=0.0)

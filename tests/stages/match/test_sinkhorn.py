@@ -69,6 +69,7 @@ def test_zero_mass_patches_get_no_mass_and_minus_infinite_potentials():
     assert torch.isfinite(result.src_potential[:, src_mass[0] > 0]).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rho", [1.0, math.inf])
 def test_float32_at_small_eps_is_finite_and_close_to_float64(rho):
     cost, src_mass, trg_mass = problem(n=64, m=49, batch=2, seed=3, dtype=torch.float32)

@@ -134,6 +134,7 @@ def external_scheduler(tmp_path):
                 process.kill()
 
 
+@pytest.mark.slow
 def test_one_two_and_external_workers_write_the_same_tables(prepared, monkeypatch, external_scheduler):
     monkeypatch.setattr(stage, "PAIRS_PER_BATCH", 2)
     matchers = ("nn", "gwot-fast")

@@ -1,21 +1,14 @@
-"""``pipeline list``: the catalog's datasets, backbones and matchers (parameters and defaults) and the runs.
-
-The plumbing knows nothing of matching: the caller gives ``matcher_params``, which turns a catalog matcher
-into its parameters and their defaults (``stages.match.settings``).
-"""
+"""``pipeline list``: the catalog's datasets, backbones and matchers (parameters and defaults) and the runs."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.catalog import BackboneSpec, Catalog, MatcherSpec
+from pipeline.catalog import BackboneSpec, Catalog
 from pipeline.errors import CatalogError
-
-# A catalog matcher -> (its parameters, the method's defaults); raises CatalogError for invalid ones.
-MatcherParams = Callable[[MatcherSpec], tuple[Mapping[str, Any], Mapping[str, Any]]]
 
 SECTIONS = ("datasets", "backbones", "matchers", "runs")
 
@@ -73,15 +66,18 @@ def backbone_lines(catalog: Catalog) -> Iterator[str]:
     yield f"  DINOv2 models ({', '.join(DINOV2_MODELS[:2])}, ...), pos_embed: timm for any other ViT."
 
 
-def matcher_lines(catalog: Catalog, matcher_params: MatcherParams) -> Iterator[str]:
+def matcher_lines(catalog: Catalog) -> Iterator[str]:
     """One line per catalog matcher: every parameter's value, ``(default X)`` where the catalog changes it."""
+    from stages.matcher_params import PARAMS, parse_params
+
     rows = []
     for name, spec in catalog.matchers.items():
         try:
-            params, defaults = matcher_params(spec)
+            params = dataclasses.asdict(parse_params(spec))
         except CatalogError as error:
             rows.append((name, spec.method, f"INVALID: {error}"))
             continue
+        defaults = dataclasses.asdict(PARAMS[spec.method]())
         shown = {
             key: _text(value) + ("" if value == defaults[key] else f" (default {_text(defaults[key])})")
             for key, value in params.items()
@@ -105,15 +101,12 @@ def run_lines(catalog: Catalog) -> Iterator[str]:
     yield from _table(rows)
 
 
-def listing(catalog: Catalog, matcher_params: MatcherParams, sections: tuple[str, ...] = ()) -> Iterator[str]:
+LINES = {"datasets": dataset_lines, "backbones": backbone_lines, "matchers": matcher_lines, "runs": run_lines}
+
+
+def listing(catalog: Catalog, sections: tuple[str, ...] = ()) -> Iterator[str]:
     """The lines of ``pipeline list`` for ``sections`` (all when empty), a blank line between sections."""
-    lines = {
-        "datasets": dataset_lines,
-        "backbones": backbone_lines,
-        "matchers": lambda catalog: matcher_lines(catalog, matcher_params),
-        "runs": run_lines,
-    }
     for index, section in enumerate(sections or SECTIONS):
         if index:
             yield ""
-        yield from lines[section](catalog)
+        yield from LINES[section](catalog)
