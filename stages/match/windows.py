@@ -19,7 +19,7 @@ that grown window at ``i``'s window (zero where they do not overlap). The symmet
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,6 +56,7 @@ class Windows:
     src_grid: Grid
     trg_grid: Grid
     index: torch.Tensor
+    _scratch: dict = field(default_factory=dict, compare=False, repr=False)  # buffers reused between calls
 
     @classmethod
     def at(cls, top: torch.Tensor, left: torch.Tensor, size: tuple[int, int], src_grid: Grid, trg_grid: Grid):
@@ -122,35 +123,46 @@ class Windows:
         return torch.gather(full, 2, self.index)
 
     # The quadratic terms.
-    def neighbour_plan_sum(self, plan: torch.Tensor, k_src: int, k_trg: int) -> torch.Tensor:
-        """``(As T At)_ij`` at the plan's entries, ``[B, N, K]`` (see the module docstring)."""
-        batch, n, _ = plan.shape
+    def _neighbour_reads(self, k_src: int, k_trg: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Where ``neighbour_plan_sum`` reads, fixed while the windows are: a zeroed scratch buffer of padded
+        grown windows ``[B, N, py, px]`` (its margins stay zero between calls) and, per source neighbour
+        offset, the flat start ``[B, N]`` of ``i``'s window in the neighbour's padded frame (a zero margin
+        where the neighbour is off the grid or its window does not overlap ``i``'s)."""
+        key = (k_src, k_trg, dtype)
+        if key in self._scratch:
+            return self._scratch[key]
+        batch, n = self.top.shape
         (wy, wx), (hs, ws) = self.size, self.src_grid
         grow = k_trg // 2
-        grown = _box_sum_last2(plan.view(batch, n, wy, wx), k_trg, grow)  # T At on the grown windows
-        # Zero margins of a window's size, so that any non-overlapping read lands on zeros.
-        gy, gx = wy + 2 * grow, wx + 2 * grow
-        py, px = gy + 2 * wy, gx + 2 * wx
-        padded = plan.new_zeros(batch, n, py, px)
-        padded[:, :, wy : wy + gy, wx : wx + gx] = grown
-        padded = padded.view(batch, n * py * px)
-        local = (torch.arange(wy, device=plan.device)[:, None] * px + torch.arange(wx, device=plan.device)).flatten()
-        rows, cols = (
-            torch.div(torch.arange(n, device=plan.device), ws, rounding_mode="floor"),
-            torch.arange(n, device=plan.device) % ws,
-        )
-        out = torch.zeros_like(plan)
-        half = k_src // 2
+        py, px = 3 * wy + 2 * grow, 3 * wx + 2 * grow
+        patches = torch.arange(n, device=self.top.device)
+        rows, cols = torch.div(patches, ws, rounding_mode="floor"), patches % ws
+        starts, half = [], k_src // 2
         for dy in range(-half, half + 1):
             for dx in range(-half, half + 1):
                 inside = (rows + dy >= 0) & (rows + dy < hs) & (cols + dx >= 0) & (cols + dx < ws)
-                source = torch.where(inside, torch.arange(n, device=plan.device) + dy * ws + dx, 0)
+                source = torch.where(inside, patches + dy * ws + dx, 0)
                 # i's window in the neighbour's padded frame: top_i - top_k + grow + wy, clamped to the zeros.
                 shift_y = (self.top - self.top[:, source] + grow + wy).clamp(0, py - wy)
                 shift_x = (self.left - self.left[:, source] + grow + wx).clamp(0, px - wx)
-                start = (source * (py * px))[None] + shift_y * px + shift_x  # [B, N]
-                read = torch.gather(padded, 1, (start[:, :, None] + local).flatten(1)).view_as(plan)
-                out.add_(read.mul_(inside[None, :, None]))
+                starts.append(torch.where(inside, source * (py * px) + shift_y * px + shift_x, 0))  # 0: margin
+        buffer = torch.zeros(batch, n, py, px, dtype=dtype, device=self.top.device)
+        self._scratch[key] = buffer, starts
+        return buffer, starts
+
+    def neighbour_plan_sum(self, plan: torch.Tensor, k_src: int, k_trg: int) -> torch.Tensor:
+        """``(As T At)_ij`` at the plan's entries, ``[B, N, K]`` (see the module docstring)."""
+        batch, n, _ = plan.shape
+        (wy, wx), grow = self.size, k_trg // 2
+        padded, starts = self._neighbour_reads(k_src, k_trg, plan.dtype)
+        px = padded.shape[3]
+        # T At on the windows grown by grow, framed by zero margins of a window's size.
+        padded[:, :, wy:-wy, wx:-wx] = _box_sum_last2(plan.view(batch, n, wy, wx), k_trg, grow)
+        flat = padded.view(batch, -1)
+        local = (torch.arange(wy, device=plan.device)[:, None] * px + torch.arange(wx, device=plan.device)).flatten()
+        out = torch.zeros_like(plan)
+        for start in starts:
+            out.add_(torch.gather(flat, 1, (start[:, :, None] + local).flatten(1)).view_as(plan))
         return out
 
     def add_spatial_gradient(self, cost, plan, k_src: int, k_trg: int, weight: float) -> torch.Tensor:
