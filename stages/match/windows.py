@@ -126,8 +126,9 @@ class Windows:
     def _neighbour_reads(self, k_src: int, k_trg: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Where ``neighbour_plan_sum`` reads, fixed while the windows are: a zeroed scratch buffer of padded
         grown windows ``[B, N, py, px]`` (its margins stay zero between calls) and, per source neighbour
-        offset, the flat start ``[B, N]`` of ``i``'s window in the neighbour's padded frame (a zero margin
-        where the neighbour is off the grid or its window does not overlap ``i``'s)."""
+        offset, where each row of ``i``'s window starts in the neighbour's padded frame, flat over the whole
+        buffer, ``[B * N * wy]`` (in a zero margin where the neighbour is off the grid or its window does
+        not overlap ``i``'s)."""
         key = (k_src, k_trg, dtype)
         if key in self._scratch:
             return self._scratch[key]
@@ -135,9 +136,12 @@ class Windows:
         (wy, wx), (hs, ws) = self.size, self.src_grid
         grow = k_trg // 2
         py, px = 3 * wy + 2 * grow, 3 * wx + 2 * grow
-        patches = torch.arange(n, device=self.top.device)
+        device = self.top.device
+        patches = torch.arange(n, device=device)
         rows, cols = torch.div(patches, ws, rounding_mode="floor"), patches % ws
-        starts, half = [], k_src // 2
+        frames = torch.arange(batch, device=device)[:, None] * (n * py * px)  # each pair's part of the buffer
+        window_rows = torch.arange(wy, device=device) * px
+        row_starts, half = [], k_src // 2
         for dy in range(-half, half + 1):
             for dx in range(-half, half + 1):
                 inside = (rows + dy >= 0) & (rows + dy < hs) & (cols + dx >= 0) & (cols + dx < ws)
@@ -145,24 +149,23 @@ class Windows:
                 # i's window in the neighbour's padded frame: top_i - top_k + grow + wy, clamped to the zeros.
                 shift_y = (self.top - self.top[:, source] + grow + wy).clamp(0, py - wy)
                 shift_x = (self.left - self.left[:, source] + grow + wx).clamp(0, px - wx)
-                starts.append(torch.where(inside, source * (py * px) + shift_y * px + shift_x, 0))  # 0: margin
-        buffer = torch.zeros(batch, n, py, px, dtype=dtype, device=self.top.device)
-        self._scratch[key] = buffer, starts
-        return buffer, starts
+                start = torch.where(inside, source * (py * px) + shift_y * px + shift_x, 0)  # 0: a margin
+                row_starts.append(((frames + start)[:, :, None] + window_rows).flatten())
+        buffer = torch.zeros(batch, n, py, px, dtype=dtype, device=device)
+        self._scratch[key] = buffer, row_starts
+        return buffer, row_starts
 
     def neighbour_plan_sum(self, plan: torch.Tensor, k_src: int, k_trg: int) -> torch.Tensor:
         """``(As T At)_ij`` at the plan's entries, ``[B, N, K]`` (see the module docstring)."""
         batch, n, _ = plan.shape
         (wy, wx), grow = self.size, k_trg // 2
-        padded, starts = self._neighbour_reads(k_src, k_trg, plan.dtype)
-        px = padded.shape[3]
+        padded, row_starts = self._neighbour_reads(k_src, k_trg, plan.dtype)
         # T At on the windows grown by grow, framed by zero margins of a window's size.
         padded[:, :, wy:-wy, wx:-wx] = _box_sum_last2(plan.view(batch, n, wy, wx), k_trg, grow)
-        flat = padded.view(batch, -1)
-        local = (torch.arange(wy, device=plan.device)[:, None] * px + torch.arange(wx, device=plan.device)).flatten()
+        strips = padded.view(-1).unfold(0, wx, 1)  # every run of wx buffer entries (a view): rows to copy whole
         out = torch.zeros_like(plan)
-        for start in starts:
-            out.add_(torch.gather(flat, 1, (start[:, :, None] + local).flatten(1)).view_as(plan))
+        for starts in row_starts:
+            out.add_(strips.index_select(0, starts).view_as(plan))
         return out
 
     def add_spatial_gradient(self, cost, plan, k_src: int, k_trg: int, weight: float) -> torch.Tensor:
