@@ -359,9 +359,9 @@ def _solve(src_feats, trg_feats, src_valid, trg_valid, settings: _Settings, init
             c2f.pool_grid(trg_feats, trg_valid),
         )
         coarse = _solve(coarse_src, coarse_trg, coarse_src_valid, coarse_trg_valid, coarse_settings, None)
-        coarse_plan = coarse.plan if coarse.problem.layout is DENSE else coarse.problem.layout.dense(coarse.plan)
-        windows = c2f.place_windows(coarse_plan, src_grid, trg_grid, settings.window_radius)
-        plan = c2f.upsample_plan(coarse_plan, windows, src_valid, trg_valid)
+        coarse_layout = None if coarse.problem.layout is DENSE else coarse.problem.layout
+        windows = c2f.place_windows(coarse.plan, coarse_layout, src_grid, trg_grid, settings.window_radius)
+        plan = c2f.upsample_plan(coarse.plan, coarse_layout, windows, src_valid, trg_valid)
         potentials = tuple(
             c2f.upsample_potential(potential, grid)
             for potential, grid in zip(coarse.potentials, (src_grid, trg_grid), strict=True)

@@ -113,6 +113,17 @@ class Windows:
         return self.column_sum(kernel * values[:, :, None])
 
     # Between layouts.
+    def values_at(self, entries: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The plan's values (entries ``[B, N, K]``) at source patches ``rows [R]`` and target patches
+        ``targets [B, R, J]``, zero outside the windows, ``[B, R, J]``."""
+        (wy, wx), wt = self.size, self.trg_grid[1]
+        down = torch.div(targets, wt, rounding_mode="floor") - self.top[:, rows, None]
+        right = targets % wt - self.left[:, rows, None]
+        inside = (down >= 0) & (down < wy) & (right >= 0) & (right < wx)
+        cells = rows[None, :, None] * entries.shape[2] + torch.where(inside, down * wx + right, 0)
+        values = torch.gather(entries.flatten(1), 1, cells.flatten(1)).view(cells.shape)
+        return values.masked_fill_(~inside, 0.0)
+
     def dense(self, entries: torch.Tensor) -> torch.Tensor:
         """The full ``[B, N, M]`` array of windowed entries ``[B, N, K]`` (zero outside the windows)."""
         out = entries.new_zeros(*entries.shape[:2], self.trg_patches)
@@ -183,10 +194,13 @@ class Windows:
         return value - 2 * (plan * self.neighbour_plan_sum(plan, k_src, k_trg)).sum((1, 2))
 
     def _column_pairs(self) -> torch.Tensor:
-        """Each entry's (source column, target column) cell of a ``[Ws, Wt]`` table, flat, ``[B, N, K]``."""
-        ws, wt = self.src_grid[1], self.trg_grid[1]
-        src_columns = torch.arange(self.index.shape[1], device=self.index.device) % ws
-        return src_columns[None, :, None] * wt + self.index % wt
+        """Each entry's (source column, target column) cell of a ``[Ws, Wt]`` table, flat, ``[B, N, K]``
+        (computed once: it is fixed while the windows are)."""
+        if "column_pairs" not in self._scratch:
+            ws, wt = self.src_grid[1], self.trg_grid[1]
+            src_columns = torch.arange(self.index.shape[1], device=self.index.device) % ws
+            self._scratch["column_pairs"] = src_columns[None, :, None] * wt + self.index % wt
+        return self._scratch["column_pairs"]
 
     def _crossings(self, plan: torch.Tensor) -> torch.Tensor:
         """``G`` per (source column, target column), ``[B, Ws, Wt]`` (see :mod:`stages.match.costs`)."""
