@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 import torch
 
 from stages.match.costs import Grid, column_crossings, neighbour_mass_sum
+from stages.match.nn import cosine_similarity
+
+COST_CHUNK = 1 << 20  # dense similarities per chunk of source patches when computing a windowed feature cost
 
 
 def _box_sum_last2(images: torch.Tensor, k: int, grow: int) -> torch.Tensor:
@@ -111,6 +114,20 @@ class Windows:
     def times_src(self, kernel: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """``K^T u`` per pair, ``[B, M]``."""
         return self.column_sum(kernel * values[:, :, None])
+
+    def feature_cost(self, src_feats: torch.Tensor, trg_feats: torch.Tensor) -> torch.Tensor:
+        """``1 - cos(f_i, f_j)`` at the plan's entries, ``[B, N, K]``, from features ``[B, H, W, C]``: dense
+        similarities for a chunk of source patches at a time (``COST_CHUNK`` of them), so memory stays
+        O(N K + COST_CHUNK)."""
+        src, n = src_feats.flatten(1, 2)[:, None], self.index.shape[1]
+        chunk = max(1, COST_CHUNK // self.trg_patches)
+        parts = [
+            torch.gather(
+                cosine_similarity(src[:, :, start : start + chunk], trg_feats), 2, self.index[:, start : start + chunk]
+            )
+            for start in range(0, n, chunk)
+        ]
+        return torch.cat(parts, 1).neg_().add_(1)
 
     # Between layouts.
     def values_at(self, entries: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
