@@ -18,8 +18,8 @@ iterations per step) and warm-started (``warmstart=True``) with GWOT's inner bud
 inner_iters``). Where a POT run, extrapolated as N^3 from the previous grid, would exceed ``--pot-budget``
 seconds, one outer step is timed and multiplied by the number of steps (marked ``~``).
 
-Usage (from the repository root): python -m benchmarks.matcher [--device cpu|cuda] [--grids 24,32,48,60]
-[--repeats 3] [--threads 1] [--pot-budget 120]
+Usage (from the repository root): python -m benchmarks.matcher [--device cpu|cuda] [--grids 24,32,48,60,80]
+[--repeats 3] [--threads 1] [--pot-budget 120] [--no-pot] [--no-pck]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import platform
 import resource
 import subprocess
@@ -196,10 +197,11 @@ def run_isolated(method: str, grid: int, args: argparse.Namespace, pot_steps: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--grids", default="24,32,48,60", help="comma-separated grid sides (square grids)")
+    parser.add_argument("--grids", default="24,32,48,60,80", help="comma-separated grid sides (square grids)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per measurement")
     parser.add_argument("--pot-budget", type=float, default=120.0, help="time one POT step beyond this many s")
+    parser.add_argument("--no-pot", action="store_true", help="skip the POT columns (slow at large grids)")
     parser.add_argument("--no-pck", action="store_true", help="skip the warped-photo accuracy table")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--pot-steps", type=int, default=0, help=argparse.SUPPRESS)
@@ -230,13 +232,15 @@ def main() -> None:
     previous = {}
     for grid in grids:
         rows = {method: run_isolated(method, grid, args) for method in ("nn", "dense", "c2f")}
-        for method in ("pot", "pot-warm"):
+        for method in () if args.no_pot else ("pot", "pot-warm"):
             expected = previous[method][0] * (grid / previous[method][1]) ** 6 if method in previous else 0.0
             full = expected <= args.pot_budget
             rows[method] = run_isolated(method, grid, args, pot_steps=steps if full else 1)
             rows[method]["mark"] = "" if full else "~"
             previous[method] = (rows[method]["seconds"], grid)
-        pot, warm, dense, fine = rows["pot"], rows["pot-warm"], rows["dense"], rows["c2f"]
+        skipped = {"seconds": math.nan, "memory_mib": math.nan, "mark": ""}
+        pot, warm = rows.get("pot", skipped), rows.get("pot-warm", skipped)
+        dense, fine = rows["dense"], rows["c2f"]
         cells = [
             f"{grid}x{grid}",
             f"{rows['nn']['seconds']:.4f}",
