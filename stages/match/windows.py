@@ -117,8 +117,8 @@ class Windows:
 
     def feature_cost(self, src_feats: torch.Tensor, trg_feats: torch.Tensor) -> torch.Tensor:
         """``1 - cos(f_i, f_j)`` at the plan's entries, ``[B, N, K]``, from features ``[B, H, W, C]``: dense
-        similarities for a chunk of source patches at a time (``COST_CHUNK`` of them), so memory stays
-        O(N K + COST_CHUNK)."""
+        similarities for a chunk of source patches at a time (about ``COST_CHUNK`` similarities per pair),
+        so memory stays O(N K + COST_CHUNK) instead of O(N M)."""
         src, n = src_feats.flatten(1, 2)[:, None], self.index.shape[1]
         chunk = max(1, COST_CHUNK // self.trg_patches)
         parts = [
