@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import math
 import platform
 import resource
 import subprocess
@@ -238,9 +237,7 @@ def main() -> None:
             rows[method] = run_isolated(method, grid, args, pot_steps=steps if full else 1)
             rows[method]["mark"] = "" if full else "~"
             previous[method] = (rows[method]["seconds"], grid)
-        skipped = {"seconds": math.nan, "memory_mib": math.nan, "mark": ""}
-        pot, warm = rows.get("pot", skipped), rows.get("pot-warm", skipped)
-        dense, fine = rows["dense"], rows["c2f"]
+        pot, warm, dense, fine = rows.get("pot"), rows.get("pot-warm"), rows["dense"], rows["c2f"]
         cells = [
             f"{grid}x{grid}",
             f"{rows['nn']['seconds']:.4f}",
@@ -250,13 +247,21 @@ def main() -> None:
             f"{fine['seconds']:.3f}",
             f"{fine['memory_mib']:.0f}",
             str(fine["inner_iters"]),
-            f"{pot['mark']}{pot['seconds']:.2f}",
-            f"{warm['mark']}{warm['seconds']:.2f}",
-            f"{max(pot['memory_mib'], warm['memory_mib']):.0f}",
             f"{dense['seconds'] / fine['seconds']:.1f}x",
-            f"{warm['mark']}{warm['seconds'] / fine['seconds']:.0f}x",
-            f"{warm['mark']}{warm['seconds'] / dense['seconds']:.1f}x",
         ]
+        if args.no_pot:
+            cells[8:8] = ["-", "-", "-"]
+            cells += ["-", "-"]
+        else:
+            cells[8:8] = [
+                f"{pot['mark']}{pot['seconds']:.2f}",
+                f"{warm['mark']}{warm['seconds']:.2f}",
+                f"{max(pot['memory_mib'], warm['memory_mib']):.0f}",
+            ]
+            cells += [
+                f"{warm['mark']}{warm['seconds'] / fine['seconds']:.0f}x",
+                f"{warm['mark']}{warm['seconds'] / dense['seconds']:.1f}x",
+            ]
         print("| " + " | ".join(cells) + " |", flush=True)
     if args.no_pck:
         return
