@@ -53,21 +53,29 @@ def _parents(grid: Grid, device: torch.device) -> torch.Tensor:
     return ((rows // 2) * pooled_side(grid[1]) + cols // 2).flatten()
 
 
-def _row_centres(plan: torch.Tensor, trg_grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where each row of a dense plan ``[B, N, M]`` sends its mass: the mass-weighted mean (y, x) of the
-    ``3 x 3`` target patches around the row's mode, each ``[B, N]`` in target grid coordinates."""
-    batch = plan.shape[0]
-    rows = plan.reshape(batch, -1, *trg_grid)
-    coarse_trg = trg_grid
-    mode = rows.flatten(2).argmax(2)
-    mode_y, mode_x = mode // coarse_trg[1], mode % coarse_trg[1]
+def _plan_values(plan: torch.Tensor, layout: Windows | None, rows: torch.Tensor, targets: torch.Tensor):
+    """A plan's values at source patches ``rows [R]`` and target patches ``targets [B, R, J]``, ``[B, R, J]``,
+    the plan dense ``[B, N, M]`` (``layout`` None) or windowed ``[B, N, K]``."""
+    if layout is not None:
+        return layout.values_at(plan, rows, targets)
+    cells = rows[None, :, None] * plan.shape[2] + targets
+    return torch.gather(plan.flatten(1), 1, cells.flatten(1)).view(cells.shape)
+
+
+def _row_centres(plan: torch.Tensor, layout: Windows | None, trg_grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each row of a plan (dense, or windowed by ``layout``) sends its mass: the mass-weighted mean
+    (y, x) of the ``3 x 3`` target patches around the row's mode, each ``[B, N]`` in target grid coordinates."""
+    mode = plan.argmax(2)
+    if layout is not None:
+        mode = torch.gather(layout.index, 2, mode[:, :, None])[:, :, 0]
+    mode_y, mode_x = mode // trg_grid[1], mode % trg_grid[1]
     offsets = torch.arange(-1, 2, device=plan.device)
-    near_y = (mode_y[..., None] + offsets).clamp(0, coarse_trg[0] - 1)  # [B, Nc, 3]
-    near_x = (mode_x[..., None] + offsets).clamp(0, coarse_trg[1] - 1)
-    cells = (near_y[..., :, None] * coarse_trg[1] + near_x[..., None, :]).flatten(2)  # [B, Nc, 9]
-    mass = torch.gather(rows.flatten(2), 2, cells)
+    near_y = (mode_y[..., None] + offsets).clamp(0, trg_grid[0] - 1)  # [B, N, 3]
+    near_x = (mode_x[..., None] + offsets).clamp(0, trg_grid[1] - 1)
+    cells = (near_y[..., :, None] * trg_grid[1] + near_x[..., None, :]).flatten(2)  # [B, N, 9]
+    mass = _plan_values(plan, layout, torch.arange(plan.shape[1], device=plan.device), cells)
     total = mass.sum(2).clamp_min(torch.finfo(mass.dtype).tiny)
-    return (mass * (cells // coarse_trg[1])).sum(2) / total, (mass * (cells % coarse_trg[1])).sum(2) / total
+    return (mass * (cells // trg_grid[1])).sum(2) / total, (mass * (cells % trg_grid[1])).sum(2) / total
 
 
 def _windows_around(centre_y, centre_x, src_grid: Grid, trg_grid: Grid, radius: int) -> Windows:
@@ -78,10 +86,13 @@ def _windows_around(centre_y, centre_x, src_grid: Grid, trg_grid: Grid, radius: 
     return Windows.at(top, left, size, src_grid, trg_grid)
 
 
-def place_windows(coarse_plan: torch.Tensor, src_grid: Grid, trg_grid: Grid, radius: int) -> Windows:
+def place_windows(
+    coarse_plan: torch.Tensor, coarse_layout: Windows | None, src_grid: Grid, trg_grid: Grid, radius: int
+) -> Windows:
     """Windows on the fine grids centred where each fine source patch's coarse parent sent its mass in the
-    dense coarse plan ``[B, Nc, Mc]``."""
-    centre_y, centre_x = _row_centres(coarse_plan, (pooled_side(trg_grid[0]), pooled_side(trg_grid[1])))
+    coarse plan (dense ``[B, Nc, Mc]``, or windowed by ``coarse_layout``)."""
+    coarse_trg = pooled_side(trg_grid[0]), pooled_side(trg_grid[1])
+    centre_y, centre_x = _row_centres(coarse_plan, coarse_layout, coarse_trg)
     parents = _parents(src_grid, coarse_plan.device)
     # A coarse patch's centre lies between its two children: fine = 2 coarse + 0.5.
     return _windows_around(2 * centre_y[:, parents] + 0.5, 2 * centre_x[:, parents] + 0.5, src_grid, trg_grid, radius)
@@ -89,21 +100,24 @@ def place_windows(coarse_plan: torch.Tensor, src_grid: Grid, trg_grid: Grid, rad
 
 def place_windows_from_plan(plan: torch.Tensor, src_grid: Grid, trg_grid: Grid, radius: int) -> Windows:
     """Windows centred where each row of a plan ``[B, N, M]`` on the same grids sends its mass."""
-    return _windows_around(*_row_centres(plan, trg_grid), src_grid, trg_grid, radius)
+    return _windows_around(*_row_centres(plan, None, trg_grid), src_grid, trg_grid, radius)
 
 
-def upsample_plan(coarse_plan: torch.Tensor, windows: Windows, src_valid, trg_valid) -> torch.Tensor:
-    """The fine starting plan ``[B, N, K]``: each coarse entry shared evenly by its valid fine children pairs
-    (validity ``[B, H, W]`` of the fine grids); zero at invalid patches."""
+def upsample_plan(
+    coarse_plan: torch.Tensor, coarse_layout: Windows | None, windows: Windows, src_valid, trg_valid
+) -> torch.Tensor:
+    """The fine starting plan ``[B, N, K]``: each entry of the coarse plan (dense, or windowed by
+    ``coarse_layout``) shared evenly by its valid fine children pairs (validity ``[B, H, W]`` of the fine
+    grids); zero at invalid patches."""
     src_parents = _parents(windows.src_grid, coarse_plan.device)
     trg_parents = _parents(windows.trg_grid, coarse_plan.device)
     src_weights, trg_weights = src_valid.flatten(1).to(coarse_plan.dtype), trg_valid.flatten(1).to(coarse_plan.dtype)
     src_children = torch.zeros_like(coarse_plan[:, :, 0]).index_add_(1, src_parents, src_weights)
-    trg_children = torch.zeros_like(coarse_plan[:, 0, :]).index_add_(1, trg_parents, trg_weights)
+    coarse_trg = pooled_side(windows.trg_grid[0]) * pooled_side(windows.trg_grid[1])
+    trg_children = trg_weights.new_zeros(trg_weights.shape[0], coarse_trg).index_add_(1, trg_parents, trg_weights)
     src_share = src_weights / src_children[:, src_parents].clamp_min(1)  # [B, N]
     trg_share = trg_weights / trg_children[:, trg_parents].clamp_min(1)  # [B, M]
-    cells = src_parents[None, :, None] * coarse_plan.shape[2] + trg_parents[windows.index]  # [B, N, K]
-    values = torch.gather(coarse_plan.flatten(1), 1, cells.flatten(1)).view(cells.shape)
+    values = _plan_values(coarse_plan, coarse_layout, src_parents, trg_parents[windows.index])  # [B, N, K]
     return values.mul_(src_share[:, :, None]).mul_(windows.trg(trg_share))
 
 

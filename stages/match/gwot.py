@@ -328,26 +328,12 @@ class _Level:
 
 def _solve(src_feats, trg_feats, src_valid, trg_valid, settings: _Settings, init: torch.Tensor | None) -> _Level:
     """Solve one level: densely, or (coarse-to-fine) on windows placed from a coarser level or ``init``."""
-    feature_cost = 1 - cosine_similarity(src_feats, trg_feats)
+    dtype = torch.promote_types(src_feats.dtype, torch.float32)  # cosine_similarity's
     src_grid, trg_grid = tuple(src_feats.shape[1:3]), tuple(trg_feats.shape[1:3])
     n, m = src_grid[0] * src_grid[1], trg_grid[0] * trg_grid[1]
-    src_mass, trg_mass = _marginals(src_valid, feature_cost.dtype), _marginals(trg_valid, feature_cost.dtype)
+    src_mass, trg_mass = _marginals(src_valid, dtype), _marginals(trg_valid, dtype)
     if init is not None:
         _check_init(init, src_mass, trg_mass)
-    problem = _Problem(
-        feature_cost=feature_cost,
-        src_mass=src_mass,
-        trg_mass=trg_mass,
-        src_grid=src_grid,
-        trg_grid=trg_grid,
-        eps=settings.eps,
-        spatial_weight=settings.w_s * math.sqrt(n * m) / (settings.k * settings.k_trg),
-        w_y=settings.w_y,
-        rho=settings.rho,
-        k_src=settings.k,
-        k_trg=settings.k_trg,
-        layout=DENSE,
-    )
     potentials = torch.zeros_like(src_mass), torch.zeros_like(trg_mass)
     coarse = None
     if settings.coarse_to_fine and init is None and c2f.worth_refining(src_grid, trg_grid, settings.window_radius):
@@ -359,21 +345,35 @@ def _solve(src_feats, trg_feats, src_valid, trg_valid, settings: _Settings, init
             c2f.pool_grid(trg_feats, trg_valid),
         )
         coarse = _solve(coarse_src, coarse_trg, coarse_src_valid, coarse_trg_valid, coarse_settings, None)
-        coarse_plan = coarse.plan if coarse.problem.layout is DENSE else coarse.problem.layout.dense(coarse.plan)
-        windows = c2f.place_windows(coarse_plan, src_grid, trg_grid, settings.window_radius)
-        plan = c2f.upsample_plan(coarse_plan, windows, src_valid, trg_valid)
+        coarse_layout = None if coarse.problem.layout is DENSE else coarse.problem.layout
+        windows = c2f.place_windows(coarse.plan, coarse_layout, src_grid, trg_grid, settings.window_radius)
+        plan = c2f.upsample_plan(coarse.plan, coarse_layout, windows, src_valid, trg_valid)
         potentials = tuple(
             c2f.upsample_potential(potential, grid)
             for potential, grid in zip(coarse.potentials, (src_grid, trg_grid), strict=True)
         )
     elif settings.coarse_to_fine and init is not None:
         windows = c2f.place_windows_from_plan(init, src_grid, trg_grid, settings.window_radius)
-        plan = windows.restrict(init).clone()
+        plan = windows.restrict(init).to(dtype, copy=True)
     else:
         windows = None
-        plan = (src_mass[:, :, None] * trg_mass[:, None, :]) if init is None else init.to(feature_cost, copy=True)
-    if windows is not None:
-        problem = dataclasses.replace(problem, feature_cost=windows.restrict(feature_cost), layout=windows)
+        plan = (src_mass[:, :, None] * trg_mass[:, None, :]) if init is None else init.to(dtype, copy=True)
+    problem = _Problem(
+        feature_cost=1 - cosine_similarity(src_feats, trg_feats)
+        if windows is None
+        else windows.feature_cost(src_feats, trg_feats),
+        src_mass=src_mass,
+        trg_mass=trg_mass,
+        src_grid=src_grid,
+        trg_grid=trg_grid,
+        eps=settings.eps,
+        spatial_weight=settings.w_s * math.sqrt(n * m) / (settings.k * settings.k_trg),
+        w_y=settings.w_y,
+        rho=settings.rho,
+        k_src=settings.k,
+        k_trg=settings.k_trg,
+        layout=DENSE if windows is None else windows,
+    )
     plan, potentials, outer_steps, inner_used, converged = _mirror_descent(
         problem, plan, potentials, settings.outer_iters, settings.outer_tol, settings.inner_iters, settings.inner_tol
     )

@@ -19,11 +19,14 @@ that grown window at ``i``'s window (zero where they do not overlap). The symmet
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from stages.match.costs import Grid, column_crossings, neighbour_mass_sum
+from stages.match.nn import cosine_similarity
+
+COST_CHUNK = 1 << 20  # dense similarities per chunk of source patches when computing a windowed feature cost
 
 
 def _box_sum_last2(images: torch.Tensor, k: int, grow: int) -> torch.Tensor:
@@ -56,6 +59,7 @@ class Windows:
     src_grid: Grid
     trg_grid: Grid
     index: torch.Tensor
+    _scratch: dict = field(default_factory=dict, compare=False, repr=False)  # buffers reused between calls
 
     @classmethod
     def at(cls, top: torch.Tensor, left: torch.Tensor, size: tuple[int, int], src_grid: Grid, trg_grid: Grid):
@@ -111,7 +115,32 @@ class Windows:
         """``K^T u`` per pair, ``[B, M]``."""
         return self.column_sum(kernel * values[:, :, None])
 
+    def feature_cost(self, src_feats: torch.Tensor, trg_feats: torch.Tensor) -> torch.Tensor:
+        """``1 - cos(f_i, f_j)`` at the plan's entries, ``[B, N, K]``, from features ``[B, H, W, C]``: dense
+        similarities for a chunk of source patches at a time (about ``COST_CHUNK`` similarities per pair),
+        so memory stays O(N K + COST_CHUNK) instead of O(N M)."""
+        src, n = src_feats.flatten(1, 2)[:, None], self.index.shape[1]
+        chunk = max(1, COST_CHUNK // self.trg_patches)
+        parts = [
+            torch.gather(
+                cosine_similarity(src[:, :, start : start + chunk], trg_feats), 2, self.index[:, start : start + chunk]
+            )
+            for start in range(0, n, chunk)
+        ]
+        return torch.cat(parts, 1).neg_().add_(1)
+
     # Between layouts.
+    def values_at(self, entries: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The plan's values (entries ``[B, N, K]``) at source patches ``rows [R]`` and target patches
+        ``targets [B, R, J]``, zero outside the windows, ``[B, R, J]``."""
+        (wy, wx), wt = self.size, self.trg_grid[1]
+        down = torch.div(targets, wt, rounding_mode="floor") - self.top[:, rows, None]
+        right = targets % wt - self.left[:, rows, None]
+        inside = (down >= 0) & (down < wy) & (right >= 0) & (right < wx)
+        cells = rows[None, :, None] * entries.shape[2] + torch.where(inside, down * wx + right, 0)
+        values = torch.gather(entries.flatten(1), 1, cells.flatten(1)).view(cells.shape)
+        return values.masked_fill_(~inside, 0.0)
+
     def dense(self, entries: torch.Tensor) -> torch.Tensor:
         """The full ``[B, N, M]`` array of windowed entries ``[B, N, K]`` (zero outside the windows)."""
         out = entries.new_zeros(*entries.shape[:2], self.trg_patches)
@@ -122,35 +151,49 @@ class Windows:
         return torch.gather(full, 2, self.index)
 
     # The quadratic terms.
-    def neighbour_plan_sum(self, plan: torch.Tensor, k_src: int, k_trg: int) -> torch.Tensor:
-        """``(As T At)_ij`` at the plan's entries, ``[B, N, K]`` (see the module docstring)."""
-        batch, n, _ = plan.shape
+    def _neighbour_reads(self, k_src: int, k_trg: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Where ``neighbour_plan_sum`` reads, fixed while the windows are: a zeroed scratch buffer of padded
+        grown windows ``[B, N, py, px]`` (its margins stay zero between calls) and, per source neighbour
+        offset, where each row of ``i``'s window starts in the neighbour's padded frame, flat over the whole
+        buffer, ``[B * N * wy]`` (in a zero margin where the neighbour is off the grid or its window does
+        not overlap ``i``'s)."""
+        key = (k_src, k_trg, dtype)
+        if key in self._scratch:
+            return self._scratch[key]
+        batch, n = self.top.shape
         (wy, wx), (hs, ws) = self.size, self.src_grid
         grow = k_trg // 2
-        grown = _box_sum_last2(plan.view(batch, n, wy, wx), k_trg, grow)  # T At on the grown windows
-        # Zero margins of a window's size, so that any non-overlapping read lands on zeros.
-        gy, gx = wy + 2 * grow, wx + 2 * grow
-        py, px = gy + 2 * wy, gx + 2 * wx
-        padded = plan.new_zeros(batch, n, py, px)
-        padded[:, :, wy : wy + gy, wx : wx + gx] = grown
-        padded = padded.view(batch, n * py * px)
-        local = (torch.arange(wy, device=plan.device)[:, None] * px + torch.arange(wx, device=plan.device)).flatten()
-        rows, cols = (
-            torch.div(torch.arange(n, device=plan.device), ws, rounding_mode="floor"),
-            torch.arange(n, device=plan.device) % ws,
-        )
-        out = torch.zeros_like(plan)
-        half = k_src // 2
+        py, px = 3 * wy + 2 * grow, 3 * wx + 2 * grow
+        device = self.top.device
+        patches = torch.arange(n, device=device)
+        rows, cols = torch.div(patches, ws, rounding_mode="floor"), patches % ws
+        frames = torch.arange(batch, device=device)[:, None] * (n * py * px)  # each pair's part of the buffer
+        window_rows = torch.arange(wy, device=device) * px
+        row_starts, half = [], k_src // 2
         for dy in range(-half, half + 1):
             for dx in range(-half, half + 1):
                 inside = (rows + dy >= 0) & (rows + dy < hs) & (cols + dx >= 0) & (cols + dx < ws)
-                source = torch.where(inside, torch.arange(n, device=plan.device) + dy * ws + dx, 0)
+                source = torch.where(inside, patches + dy * ws + dx, 0)
                 # i's window in the neighbour's padded frame: top_i - top_k + grow + wy, clamped to the zeros.
                 shift_y = (self.top - self.top[:, source] + grow + wy).clamp(0, py - wy)
                 shift_x = (self.left - self.left[:, source] + grow + wx).clamp(0, px - wx)
-                start = (source * (py * px))[None] + shift_y * px + shift_x  # [B, N]
-                read = torch.gather(padded, 1, (start[:, :, None] + local).flatten(1)).view_as(plan)
-                out.add_(read.mul_(inside[None, :, None]))
+                start = torch.where(inside, source * (py * px) + shift_y * px + shift_x, 0)  # 0: a margin
+                row_starts.append(((frames + start)[:, :, None] + window_rows).flatten())
+        buffer = torch.zeros(batch, n, py, px, dtype=dtype, device=device)
+        self._scratch[key] = buffer, row_starts
+        return buffer, row_starts
+
+    def neighbour_plan_sum(self, plan: torch.Tensor, k_src: int, k_trg: int) -> torch.Tensor:
+        """``(As T At)_ij`` at the plan's entries, ``[B, N, K]`` (see the module docstring)."""
+        batch, n, _ = plan.shape
+        (wy, wx), grow = self.size, k_trg // 2
+        padded, row_starts = self._neighbour_reads(k_src, k_trg, plan.dtype)
+        # T At on the windows grown by grow, framed by zero margins of a window's size.
+        padded[:, :, wy:-wy, wx:-wx] = _box_sum_last2(plan.view(batch, n, wy, wx), k_trg, grow)
+        strips = padded.view(-1).unfold(0, wx, 1)  # every run of wx buffer entries (a view): rows to copy whole
+        out = torch.zeros_like(plan)
+        for starts in row_starts:
+            out.add_(strips.index_select(0, starts).view_as(plan))
         return out
 
     def add_spatial_gradient(self, cost, plan, k_src: int, k_trg: int, weight: float) -> torch.Tensor:
@@ -168,10 +211,13 @@ class Windows:
         return value - 2 * (plan * self.neighbour_plan_sum(plan, k_src, k_trg)).sum((1, 2))
 
     def _column_pairs(self) -> torch.Tensor:
-        """Each entry's (source column, target column) cell of a ``[Ws, Wt]`` table, flat, ``[B, N, K]``."""
-        ws, wt = self.src_grid[1], self.trg_grid[1]
-        src_columns = torch.arange(self.index.shape[1], device=self.index.device) % ws
-        return src_columns[None, :, None] * wt + self.index % wt
+        """Each entry's (source column, target column) cell of a ``[Ws, Wt]`` table, flat, ``[B, N, K]``
+        (computed once: it is fixed while the windows are)."""
+        if "column_pairs" not in self._scratch:
+            ws, wt = self.src_grid[1], self.trg_grid[1]
+            src_columns = torch.arange(self.index.shape[1], device=self.index.device) % ws
+            self._scratch["column_pairs"] = src_columns[None, :, None] * wt + self.index % wt
+        return self._scratch["column_pairs"]
 
     def _crossings(self, plan: torch.Tensor) -> torch.Tensor:
         """``G`` per (source column, target column), ``[B, Ws, Wt]`` (see :mod:`stages.match.costs`)."""

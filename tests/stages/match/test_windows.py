@@ -115,3 +115,22 @@ def test_pooling_averages_valid_children_only():
     assert pooled.shape == (2, 2, 3, 1) and pooled_valid.all()
     assert pooled[0, 0, 0, 0] == (1 + 5 + 6) / 3 and pooled[1, 1, 2, 0] == feats[1, 2, 4, 0]
     assert [c2f.coarse_size(k) for k in (1, 3, 5, 7, 9)] == [1, 3, 3, 5, 5]
+
+
+@pytest.mark.parametrize(("coarse_src", "coarse_trg"), [((4, 5), (5, 6)), ((3, 3), (6, 4))])
+def test_windows_and_starting_plan_from_a_windowed_coarse_plan_equal_those_from_its_dense_form(coarse_src, coarse_trg):
+    coarse = random_windows(coarse_src, coarse_trg, (3, 3), seed=5)
+    entries, dense = windowed_plan(coarse, seed=6)
+    src_grid, trg_grid = (2 * coarse_src[0], 2 * coarse_src[1] - 1), (2 * coarse_trg[0] - 1, 2 * coarse_trg[1])
+    from_windows = c2f.place_windows(entries, coarse, src_grid, trg_grid, radius=1)
+    from_dense = c2f.place_windows(dense, None, src_grid, trg_grid, radius=1)
+    torch.testing.assert_close(from_windows.index, from_dense.index)
+    src_valid = torch.ones(2, *src_grid, dtype=torch.bool)
+    trg_valid = torch.ones(2, *trg_grid, dtype=torch.bool)
+    trg_valid[0, 0] = False
+    torch.testing.assert_close(
+        c2f.upsample_plan(entries, coarse, from_dense, src_valid, trg_valid),
+        c2f.upsample_plan(dense, None, from_dense, src_valid, trg_valid),
+        rtol=0,
+        atol=0,
+    )
