@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import math
@@ -160,17 +161,19 @@ def test_an_override_of_an_unselected_or_twice_set_key_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("key", "refused"),
     [("eps", 0.0), ("eps", -1.0), ("w_s", -0.1), ("w_y", -1e-9), ("k", 4), ("k", 0), ("k", -1), ("rho", 0.0),
-     ("rho", -math.inf), ("outer_iters", 0), ("inner_iters", 0), ("eps", math.nan)],
+     ("rho", -math.inf), ("outer_iters", 0), ("inner_iters", 0), ("eps", math.nan), ("flip", "yes"),
+     ("scale", "on"), ("flip_margin", -0.1), ("scale_rho", 0.0), ("window_radius", 0)],
 )  # fmt: skip
 def test_every_value_the_solver_refuses_is_refused_when_read(key, refused):
     import torch
 
     one_patch = torch.ones(1, 1, 1, 1)
+    solve = functools.partial(robust_gwot, one_patch, one_patch, src_flipped=one_patch)
     with pytest.raises(PipelineError, match="invalid GWOT settings"):  # the oracle: the solver's own check
-        gwot(one_patch, one_patch, **(GWOTParams().solver_kwargs() | {key: refused}))
+        solve(**(GWOTParams().solver_kwargs() | {key: refused}))
     assert domain_problem(GWOTParams, key, refused) is not None
     assert domain_problem(GWOTParams, key, getattr(GWOTParams(), key)) is None
-    gwot(one_patch, one_patch, **GWOTParams().solver_kwargs())  # the defaults pass both
+    solve(**GWOTParams().solver_kwargs())  # the defaults pass both
 
 
 def test_a_new_implementation_version_makes_new_setting_keys(tmp_path, monkeypatch):
