@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.cache import atomic_path, atomic_write_bytes
@@ -176,14 +175,16 @@ def read_results(run_folder: str | Path, table: str = "pairs") -> pd.DataFrame:
     """
     folder = Path(run_folder) / table
     schema = pa.schema([*TABLES[table], *PARTITIONS])
-    parts = [str(p) for p in sorted(folder.glob("dataset=*/matcher=*/part-*.parquet")) if read_part(p, table)]
-    if not parts:
+    tables = []
+    for path in sorted(folder.glob("dataset=*/matcher=*/part-*.parquet")):
+        part = read_part(path, table)  # read whole once: its checksums are verified on this very read
+        if part is not None:
+            dataset, matcher = (folder.name.partition("=")[2] for folder in (path.parents[1], path.parent))
+            columns = [pa.array([value] * part.num_rows, pa.string()) for value in (dataset, matcher)]
+            tables.append(pa.Table.from_arrays([*part.columns, *columns], schema=schema))
+    if not tables:
         return schema.empty_table().to_pandas()
-    partitioning = ds.partitioning(PARTITIONS, flavor="hive")
-    found = ds.dataset(
-        parts, schema=schema, format="parquet", partitioning=partitioning, partition_base_dir=str(folder)
-    )
-    return found.to_table().to_pandas()
+    return pa.concat_tables(tables).to_pandas()
 
 
 def read_part(path: str | Path, table: str) -> pa.Table | None:
@@ -320,10 +321,11 @@ def summary_markdown(summary: pd.DataFrame) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
-def write_summary(run_folder: str | Path) -> pd.DataFrame:
-    """Summarise every pair result of the run into ``summary.parquet`` and ``summary.md``; returns it."""
+def write_summary(run_folder: str | Path, pairs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Summarise every pair result of the run (``pairs``: the run's pairs table, when already read) into
+    ``summary.parquet`` and ``summary.md``; returns it."""
     run_folder = Path(run_folder)
-    summary = summarize(read_results(run_folder, "pairs"))
+    summary = summarize(read_results(run_folder, "pairs") if pairs is None else pairs)
     with atomic_path(run_folder / "summary.parquet") as tmp:
         pq.write_table(pa.Table.from_pandas(summary, schema=SUMMARY_SCHEMA, preserve_index=False), tmp)
     atomic_write_bytes(run_folder / "summary.md", summary_markdown(summary).encode())

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow.compute as pc
 import torch
 from distributed import Client, as_completed
@@ -511,9 +512,10 @@ def match(ctx: StageContext, batch_size: int) -> None:
             failures = _run_tasks(client, tasks, ctx.options.progress)
     else:
         log.info("match: every batch of run %r is already done", ctx.options.run_name)
-    summary = results.write_summary(run_folder)
+    pairs = results.read_results(run_folder, "pairs")
+    summary = results.write_summary(run_folder, pairs)
     log.info("match: %d summary row(s) of run %r in %s", len(summary), ctx.options.run_name, run_folder / "summary.md")
-    _warn_unconverged(run_folder)
+    _warn_unconverged(pairs)
     if failures:
         lines = [
             f"{task.dataset} {task.setting.label} ({task.setting.key}) batch {task.batch}, pairs "
@@ -537,11 +539,8 @@ def _mark_damaged_features(plan: DatasetPlan) -> str:
     )
 
 
-def _warn_unconverged(run_folder: Path) -> None:
-    """One warning per run for the GWOT pairs that used every outer step, per setting."""
-    pairs = results.read_results(run_folder, "pairs")
-    if "converged" not in pairs or pairs.empty:
-        return
+def _warn_unconverged(pairs: pd.DataFrame) -> None:
+    """One warning per setting of the run's pairs table for its GWOT pairs that used every outer step."""
     unconverged = pairs[pairs["converged"].eq(False)].groupby("matcher_label").size()
     for label, count in unconverged.items():
         total = int((pairs["matcher_label"] == label).sum())
