@@ -1,4 +1,5 @@
-"""The Dask client a stage fans work out through: an existing scheduler, one worker per GPU, or CPU workers."""
+"""The Dask client a stage fans work out through (an existing scheduler, one worker per GPU, or CPU workers),
+and :func:`run_tasks`, which runs a stage's units of work on it."""
 
 from __future__ import annotations
 
@@ -6,15 +7,17 @@ import contextlib
 import importlib.util
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError
+from typing import Any, NamedTuple
 
 import dask
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, as_completed
 from distributed.comm import CommClosedError
 
 from pipeline.catalog import ClusterSpec
 from pipeline.errors import PipelineError
+from pipeline.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -125,3 +128,37 @@ def _guarded(client: Client, where: str) -> Iterator[Client]:
             f"lost the Dask scheduler of {where} mid-run ({type(exc).__name__}); the units committed so far "
             "are kept and the next run resumes from them"
         ) from None
+
+
+class TaskFailure(NamedTuple):
+    """A unit of work that failed on its retry too, and the error of its last try."""
+
+    task: Any
+    error: BaseException
+
+
+def run_tasks(
+    client: Client,
+    function: Callable[[Any], int],
+    tasks: Sequence[Any],
+    *,
+    total: int,
+    desc: str,
+    unit: str,
+    progress: bool = False,
+) -> list[TaskFailure]:
+    """Run ``function(task)`` on the cluster for every task, each retried once, and wait for all of them.
+
+    ``function`` returns how many ``unit`` (images, pairs) its task did, which advance the progress bar of
+    ``total`` units. A task that fails twice does not stop the others; returns those tasks with their errors,
+    in the order of ``tasks``, for the stage to report in one message.
+    """
+    futures = {client.submit(function, task, retries=1, pure=False): index for index, task in enumerate(tasks)}
+    failed = []
+    with progress_bar(enabled=progress, total=total, desc=desc, unit=unit) as bar:
+        for future in as_completed(futures):
+            if future.status == "error":
+                failed.append((futures[future], future.exception()))
+            else:
+                bar.update(future.result())
+    return [TaskFailure(tasks[index], error) for index, error in sorted(failed, key=lambda failure: failure[0])]

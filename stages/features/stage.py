@@ -32,7 +32,6 @@ from pipeline.catalog import BackboneSpec, Catalog
 from pipeline.context import StageContext, StageStatus
 from pipeline.errors import CatalogError, StageError
 from pipeline.features_store import DEFAULT_SHARD_SIZE, FeatureStore, FeatureStoreError
-from pipeline.progress import progress_bar
 from stages.datasets import stage as normalize_stage
 from stages.features.backbone_keys import BackboneError, backbone_key, backbone_key_params, patch_size
 from stages.features.canvas import CanvasTransform, image_to_canvas
@@ -290,7 +289,7 @@ def extract_features(
     ``shard_size`` applies to a new store only. Raises StageError naming the images of the shards that
     failed twice, after every other shard is stored.
     """
-    import distributed
+    from pipeline.cluster import run_tasks  # imports dask and distributed
 
     params = store_params(spec, device)
     path = features_path(catalog, dataset, params)
@@ -339,14 +338,9 @@ def extract_features(
     ]
     n_images = sum(len(task.image_ids) for task in tasks)
     log.info("features %s: %d images in %d shard(s) to compute into %s", dataset, n_images, len(tasks), path)
-    futures = {client.submit(compute_shard, task, retries=1, pure=False): task for task in tasks}
-    failures = []
-    with progress_bar(enabled=progress, total=n_images, desc=f"features {dataset}", unit="img") as bar:
-        for future in distributed.as_completed(futures):
-            if future.status == "error":
-                failures.append((futures[future], future.exception()))
-            else:
-                bar.update(future.result())
+    failures = run_tasks(
+        client, compute_shard, tasks, total=n_images, desc=f"features {dataset}", unit="img", progress=progress
+    )
     if failures:
         lines = [f"shard {task.shard} (images {_listing(task.image_ids)}): {error}" for task, error in failures]
         raise StageError(

@@ -36,17 +36,16 @@ import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 import torch
-from distributed import Client, as_completed
+from distributed import Client
 from PIL import Image
 
 from pipeline import results
 from pipeline.cache import Ledger, atomic_path
 from pipeline.catalog import Catalog
-from pipeline.cluster import dask_client
+from pipeline.cluster import TaskFailure, dask_client, run_tasks
 from pipeline.context import StageContext, StageStatus
 from pipeline.errors import CatalogError, PipelineError, StageError
 from pipeline.features_store import CorruptFeaturesError, FeatureStore, FeatureStoreError
-from pipeline.progress import progress_bar
 from pipeline.provenance import provenance
 from stages.datasets import stage as normalize_stage
 from stages.datasets.flo import read_flo, write_flo
@@ -475,18 +474,10 @@ def _record_config(ctx: StageContext, run_folder: Path, plans: Sequence[DatasetP
     )
 
 
-def _run_tasks(client: Client, tasks: Sequence[BatchTask], progress: bool) -> list[tuple[BatchTask, BaseException]]:
-    """Submit every task (one retry each) and wait for all; returns the tasks that failed twice."""
-    futures = {client.submit(match_batch, task, retries=1, pure=False): task for task in tasks}
-    failures = []
+def _run_tasks(client: Client, tasks: Sequence[BatchTask], progress: bool) -> list[TaskFailure]:
+    """Run every batch on the cluster (one retry each); returns the batches that failed twice."""
     total = sum(len(task.pairs) for task in tasks)
-    with progress_bar(enabled=progress, total=total, desc="match", unit="pair") as bar:
-        for future in as_completed(futures):
-            if future.status == "error":
-                failures.append((futures[future], future.exception()))
-            else:
-                bar.update(future.result())
-    return failures
+    return run_tasks(client, match_batch, tasks, total=total, desc="match", unit="pair", progress=progress)
 
 
 def match(ctx: StageContext, batch_size: int) -> None:
