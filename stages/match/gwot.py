@@ -54,7 +54,7 @@ import torch
 from pipeline.errors import PipelineError
 from stages.match import coarse_to_fine as c2f
 from stages.match.costs import Grid, add_spatial_gradient, add_symmetry_gradient, spatial_term, symmetry_term
-from stages.match.nn import check_grids, cosine_similarity
+from stages.match.grids import check_grids, cosine_similarity
 from stages.match.sinkhorn import DENSE, DenseLayout, sinkhorn_unbalanced
 from stages.match.windows import Windows
 

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.errors import PipelineError
+from stages.match.grids import check_grids
 from stages.match.gwot import GWOTResult, gwot
-from stages.match.nn import check_grids, nn_match
+from stages.match.nn import nn_match
 
 FLIP_MODES = ("off", "auto")
 SCALE_MODES = ("off", "auto")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stages.match.costs import Grid, column_crossings, neighbour_mass_sum
-from stages.match.nn import cosine_similarity
+from stages.match.grids import cosine_similarity
 
 COST_CHUNK = 1 << 20  # dense similarities per chunk of source patches when computing a windowed feature cost
 

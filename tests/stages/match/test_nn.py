@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
-from pipeline.errors import PipelineError
 from stages.match.nn import nn_match
 
 
@@ -49,11 +47,3 @@ def test_identical_grids_match_themselves_mutually():
     result = nn_match(src, src, mutual=True)
     np.testing.assert_array_equal(result.indices.numpy(), np.tile(np.arange(12), (2, 1)))
     assert result.keep.all()
-
-
-def test_mismatched_shapes_are_rejected():
-    src, trg, src_valid, _ = grids()
-    with pytest.raises(PipelineError, match=r"feature grids must be \[B, H, W, C\]"):
-        nn_match(src[0], trg[0])
-    with pytest.raises(PipelineError, match=r"src_valid must be a bool mask of shape \(2, 3, 4\)"):
-        nn_match(src, trg, src_valid[:, :2])
