@@ -22,7 +22,7 @@ Warp and flow convention (exact by construction):
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -107,20 +107,6 @@ class Warp:
     amplitudes: tuple[tuple[float, float], ...]  # [M, 2] pixels
     frequencies: tuple[tuple[float, float], ...]  # [M, 2] radians per pixel
     phases: tuple[float, ...]  # [M] radians
-
-    @classmethod
-    def from_json(cls, record: dict[str, Any]) -> Warp:
-        """The warp stored in ``annotations.json`` (the inverse of ``dataclasses.asdict``)."""
-        return cls(
-            centre=tuple(record["centre"]),
-            rotation_deg=float(record["rotation_deg"]),
-            scale=tuple(record["scale"]),
-            translation=tuple(record["translation"]),
-            mirrored=bool(record["mirrored"]),
-            amplitudes=tuple(tuple(a) for a in record["amplitudes"]),
-            frequencies=tuple(tuple(w) for w in record["frequencies"]),
-            phases=tuple(record["phases"]),
-        )
 
     def linear(self) -> np.ndarray:
         """[2, 2] ``L = R diag(scale) F``."""
@@ -306,50 +292,67 @@ def pair_files(pair_id: str) -> dict[str, str]:
     }
 
 
+@dataclass(frozen=True)
+class DrawnPair:
+    """A demo pair as drawn, before it is written: the source photo, its warp, source flow and keypoints."""
+
+    pair_id: str
+    category: str
+    variant: str
+    src: np.ndarray  # [H, W, 3] uint8
+    warp: Warp
+    flow: np.ndarray  # [H, W, 2] on the source grid (:func:`source_flow`)
+    src_kps: np.ndarray  # [K, 2]
+
+
+def draw_pairs(options: Options, dataset: str) -> Iterator[DrawnPair]:
+    """The pairs of the demo ``dataset`` with ``options``, in order: pair ``i`` uses photo ``i mod 5`` and
+    draws its warp and keypoints from ``np.random.default_rng([seed, i])``, so the same options give the same
+    pairs. CatalogError when a pair cannot get ``n_keypoints`` keypoints."""
+    names = list(PHOTOS)
+    photos = {name: load_photo(name, options.max_side) for name in names[: options.n_pairs]}
+    for index in range(options.n_pairs):
+        category = names[index % len(names)]
+        variant = pair_variant(index, options)
+        mirrored, zoom = VARIANTS[variant]
+        drawn = draw_pair(
+            photos[category], np.random.default_rng([options.seed, index]), mirrored=mirrored, zoom=zoom,
+            n_keypoints=options.n_keypoints,
+        )  # fmt: skip
+        if drawn is None:
+            raise CatalogError(
+                f"datasets.{dataset}.options.n_keypoints: {category} ({variant}) has fewer than "
+                f"{options.n_keypoints} textured points with valid flow after {MAX_WARP_DRAWS} warps; "
+                "lower n_keypoints or raise max_side"
+            )
+        yield DrawnPair(f"{index:03d}-{category}", category, variant, photos[category], *drawn)
+
+
 def materialize(raw_dir: Path, spec: DatasetSpec) -> None:
     """Write the demo's raw files into ``raw_dir`` (created by the caller): images, flows, masks, annotations.
 
-    Deterministic: pair ``i`` uses photo ``i mod 5`` and draws its warp and keypoints from
-    ``np.random.default_rng([seed, i])``, so the same options give byte-identical files.
+    Deterministic (:func:`draw_pairs`): the same options give byte-identical files.
     """
     options = parse_options(spec)
     raw_dir = Path(raw_dir)
     for folder in ("images", "masks", "flow"):
         (raw_dir / folder).mkdir(parents=True, exist_ok=True)
-    names = list(PHOTOS)
-    photos = {name: load_photo(name, options.max_side) for name in names[: options.n_pairs]}
     records = []
-    for index in range(options.n_pairs):
-        category = names[index % len(names)]
-        pair_id = f"{index:03d}-{category}"
-        src = photos[category]
-        variant = pair_variant(index, options)
-        mirrored, zoom = VARIANTS[variant]
-        drawn = draw_pair(
-            src, np.random.default_rng([options.seed, index]), mirrored=mirrored, zoom=zoom,
-            n_keypoints=options.n_keypoints,
-        )  # fmt: skip
-        if drawn is None:
-            raise CatalogError(
-                f"datasets.{spec.name}.options.n_keypoints: {category} ({variant}) has fewer than "
-                f"{options.n_keypoints} textured points with valid flow after {MAX_WARP_DRAWS} warps; "
-                "lower n_keypoints or raise max_side"
-            )
-        warp, flow, src_kps = drawn
-        files = pair_files(pair_id)
-        Image.fromarray(src).save(raw_dir / files["src"])
-        Image.fromarray(render_target(src, warp)).save(raw_dir / files["trg"])
-        Image.fromarray(np.where(flow_validity(flow), 255, 0).astype(np.uint8)).save(raw_dir / files["mask"])
-        write_flo(raw_dir / files["flow"], flow)
+    for pair in draw_pairs(options, spec.name):
+        files = pair_files(pair.pair_id)
+        Image.fromarray(pair.src).save(raw_dir / files["src"])
+        Image.fromarray(render_target(pair.src, pair.warp)).save(raw_dir / files["trg"])
+        Image.fromarray(np.where(flow_validity(pair.flow), 255, 0).astype(np.uint8)).save(raw_dir / files["mask"])
+        write_flo(raw_dir / files["flow"], pair.flow)
         records.append(
             {
-                "pair_id": pair_id,
-                "category": category,
-                "mirrored": mirrored,
-                "variant": variant,
-                "warp": asdict(warp),
-                "src_kps": as_points(src_kps),
-                "trg_kps": as_points(warp.forward(src_kps)),
+                "pair_id": pair.pair_id,
+                "category": pair.category,
+                "mirrored": pair.warp.mirrored,
+                "variant": pair.variant,
+                "warp": asdict(pair.warp),
+                "src_kps": as_points(pair.src_kps),
+                "trg_kps": as_points(pair.warp.forward(pair.src_kps)),
             }
         )
     document = {"dataset": spec.name, "options": asdict(options), "pairs": records}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,15 @@ from skimage import data as skdata
 from pipeline.catalog import DatasetSpec
 from pipeline.errors import CatalogError, DataError
 from stages.datasets.common import BadItems
-from stages.datasets.demo import Warp, antialiasing_sigma, materialize, normalize, pair_files, parse_options
+from stages.datasets.demo import (
+    Warp,
+    antialiasing_sigma,
+    draw_pairs,
+    materialize,
+    normalize,
+    pair_files,
+    parse_options,
+)
 from stages.datasets.flo import flow_validity, read_flo
 
 
@@ -38,6 +47,19 @@ def default_demo(tmp_path_factory) -> tuple[Path, list[dict]]:
     raw_dir = tmp_path_factory.mktemp("demo")
     materialize(raw_dir, spec())
     return raw_dir, json.loads((raw_dir / "annotations.json").read_text())["pairs"]
+
+
+@pytest.fixture(scope="module")
+def default_warps() -> dict[str, Warp]:
+    """The warps of the default demo's pairs, drawn again by the generator, by pair id."""
+    return {pair.pair_id: pair.warp for pair in draw_pairs(parse_options(spec()), "demo")}
+
+
+def test_annotations_record_the_warp_each_pair_was_drawn_with(default_demo, default_warps):
+    _, records = default_demo
+    assert [record["pair_id"] for record in records] == list(default_warps)
+    for record in records:
+        assert record["warp"] == json.loads(json.dumps(asdict(default_warps[record["pair_id"]])))
 
 
 def small_demo(raw_dir: Path, **options) -> Path:
@@ -79,14 +101,14 @@ def test_flow_carries_every_source_keypoint_onto_its_target_keypoint(default_dem
         assert np.abs(src_kps + bilinear(flow, src_kps) - trg_kps).max() < 0.1
 
 
-def test_target_image_is_the_source_moved_along_the_flow(default_demo):
+def test_target_image_is_the_source_moved_along_the_flow(default_demo, default_warps):
     raw_dir, records = default_demo
     rng = np.random.default_rng(7)
     for record in records:
         files = pair_files(record["pair_id"])
         src, trg = load(raw_dir, files["src"]), load(raw_dir, files["trg"])
         # A shrinking warp renders an antialiased source: compare with the source blurred alike.
-        sigma = antialiasing_sigma(Warp.from_json(record["warp"]))
+        sigma = antialiasing_sigma(default_warps[record["pair_id"]])
         src = ndimage.gaussian_filter(src, (sigma, sigma, 0), mode="nearest")
         flow = read_flo(raw_dir / files["flow"]).astype(np.float64)
         rows, cols = np.nonzero(flow_validity(flow))
@@ -100,10 +122,10 @@ def test_target_image_is_the_source_moved_along_the_flow(default_demo):
         assert shuffled > 4 * difference, record["pair_id"]
 
 
-def test_stored_warp_reproduces_the_flow_and_inverts_exactly(default_demo):
+def test_drawn_warp_reproduces_the_stored_flow_and_inverts_exactly(default_demo, default_warps):
     raw_dir, records = default_demo
     for record in records[:3]:
-        warp = Warp.from_json(record["warp"])
+        warp = default_warps[record["pair_id"]]
         flow = read_flo(raw_dir / pair_files(record["pair_id"])["flow"]).astype(np.float64)
         height, width = flow.shape[:2]
         rows, cols = np.nonzero(flow_validity(flow))
