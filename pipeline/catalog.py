@@ -76,7 +76,8 @@ class BackboneSpec:
 
 @dataclass(frozen=True)
 class MatcherSpec:
-    """A named matcher setting: the method and its parameters (validated by the match stage)."""
+    """A named matcher setting: the method and its parameters (checked by the stages' run check before any stage
+    starts; the pipeline knows no method's parameters)."""
 
     name: str
     method: Literal["nn", "gwot"]

@@ -1,8 +1,8 @@
 """Matcher parameters: each method's typed parameters with their defaults and domains, and ``--set`` parsing.
 
-Light on purpose (no torch, no stores): the catalog checks its matchers when it is read and the command
-line checks ``--matcher`` and ``--set`` before any stage starts, so a bad value is reported at once and
-named where it came from (``matchers.gwot.params.eps`` in the catalog, ``--set gwot.eps=-1`` on the
+Light on purpose (no torch, no stores): before any stage starts, ``pipeline run`` and ``match-pair`` check
+the catalog's matchers and the command line's ``--matcher`` and ``--set``, so a bad value is reported at once
+and named where it came from (``matchers.gwot.params.eps`` in the catalog, ``--set gwot.eps=-1`` on the
 command line). The domains include every check the solvers make on their own arguments (a test holds
 them to it) and a few more (non-negative tolerances).
 """
@@ -14,13 +14,11 @@ import math
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
+from pipeline.catalog import Catalog, MatcherSpec
 from pipeline.config import from_mapping
 from pipeline.errors import CatalogError
-
-if TYPE_CHECKING:  # the catalog imports this module to check its matchers
-    from pipeline.catalog import Catalog, MatcherSpec
 
 Rule = tuple[Callable[[Any], bool], str]  # (accepts the value, what the value must be)
 MIN_EPS = 1e-4  # GWOT's smallest entropic regularisation, in units of the feature cost (range [0, 2])
