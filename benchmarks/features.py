@@ -81,7 +81,7 @@ def measure(model: str, size: int, device: str, n_images: int, batch: int) -> di
             transforms=[t.as_dict() for t in transforms],
             grid=(backbone.grid_size, backbone.grid_size),
             dim=backbone.dim,
-            backbone_params=backbone.key_params(),
+            key_params=backbone.key_params(),
             random_weights=backbone.random_weights,
             shard_size=n_images,
         )

@@ -11,8 +11,9 @@ Layout of ``<cache_root>/features/<dataset>/<backbone_key>.zarr``:
 - ``valid`` (n_images, Hp, Wp) bool: patches that cover the image rather than the canvas padding.
 - ``done`` (n_shards,) int32, one chunk per shard: how many leading rows of each shard are committed.
 - attributes: ``image_ids`` (row order), ``transforms`` (one canvas-transform dict per row), ``backbone``
-  (the backbone's key parameters), ``random_weights``, ``flipped``, ``grid``, ``dim``, ``shard_size`` and
-  ``format_version`` (written last: a store without it was interrupted while being created).
+  (the store's key parameters, ``FeatureStore.key_params``), ``random_weights``, ``flipped``, ``grid``,
+  ``dim``, ``shard_size`` and ``format_version`` (written last: a store without it was interrupted while
+  being created).
 
 Concurrency: the driver alone creates the store and appends images (it writes all metadata); Dask tasks
 then each write whole shards (one shard file per array) and their own ``done`` chunk, so writers never
@@ -87,7 +88,7 @@ class FeatureStore:
             self.transforms: list[dict[str, Any]] = list(attrs["transforms"])
             self.grid: tuple[int, int] = tuple(attrs["grid"])
             self.dim: int = attrs["dim"]
-            self.backbone_params: dict[str, Any] = dict(attrs["backbone"])
+            self.key_params: dict[str, Any] = dict(attrs["backbone"])
             self.random_weights: bool = attrs["random_weights"]
             self.flipped: bool = attrs["flipped"]
             self.shard_size: int = attrs["shard_size"]
@@ -155,7 +156,7 @@ class FeatureStore:
         transforms: Sequence[Mapping[str, Any]],
         grid: tuple[int, int],
         dim: int,
-        backbone_params: Mapping[str, Any],
+        key_params: Mapping[str, Any],
         random_weights: bool = False,
         flipped: bool = False,
         shard_size: int = DEFAULT_SHARD_SIZE,
@@ -163,7 +164,7 @@ class FeatureStore:
         """Create the store, or open it and append the images it lacks (driver only, before any task runs).
 
         ``transforms[i]`` is image ``image_ids[i]``'s canvas transform as a plain dict. An existing store
-        must have been made with the same grid, dim, backbone parameters, random_weights and flipped, and
+        must have been made with the same grid, dim, key parameters, random_weights and flipped, and
         its images' transforms must agree; its ``shard_size`` is kept. New images get new rows at the end.
         """
         if len(image_ids) != len(transforms):
@@ -176,7 +177,7 @@ class FeatureStore:
         settings = {
             "grid": list(grid),
             "dim": dim,
-            "backbone": _as_json(dict(backbone_params)),
+            "backbone": _as_json(dict(key_params)),
             "random_weights": random_weights,
             "flipped": flipped,
         }

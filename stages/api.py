@@ -32,7 +32,7 @@ from pipeline.errors import InputError, StageError
 from stages.datasets import stage as normalize_stage
 from stages.features.backbones import Backbone, backbone_key, create_backbone
 from stages.features.canvas import CanvasTransform
-from stages.features.stage import backbone_options, open_features, resolve_backbone, shard_features, store_params
+from stages.features.stage import backbone_settings, open_features, resolve_backbone, shard_features, store_key_params
 from stages.match import transfer_keypoints
 from stages.match.settings import MatcherSetting, parse_params
 from stages.match.stage import readout_options, solve, store_key
@@ -147,7 +147,7 @@ class PairFeatures:
     canvases: tuple[CanvasTransform, CanvasTransform]  # how each image sits on its square canvas
     backbone: str  # the catalog backbone's name
     backbone_key: str  # the feature store's key (model, canvas, weights identity, parameter hash)
-    backbone_params: dict[str, Any]  # everything that changes the tokens (the store's key parameters)
+    key_params: dict[str, Any]  # everything that changes the tokens (the store's key parameters)
     random_weights: bool  # True: features of an untrained network, meaningless
     src_flipped: np.ndarray | None = None  # [1, Hp, Wp, C] the mirrored source image's tokens (flip-aware GWOT)
 
@@ -205,7 +205,7 @@ class Match:
 @functools.lru_cache(maxsize=2)
 def load_backbone(spec: BackboneSpec, device: str) -> Backbone:
     """The backbone of a catalog spec on ``device``, loaded once per session (a notebook calls again and again)."""
-    return create_backbone(spec.model, **backbone_options(spec), device=device)
+    return create_backbone(spec.model, **backbone_settings(spec), device=device)
 
 
 def image_features(
@@ -220,14 +220,14 @@ def image_features(
         for image in (src_image, trg_image)
     )
     features = shard_features([src_image, trg_image], transforms, model, batch_size=spec.batch_size)
-    params = store_params(spec, device)
+    params = store_key_params(spec, device)
     return PairFeatures(
         tokens=features.tokens,
         valid=features.valid,
         canvases=transforms,
         backbone=spec.name,
         backbone_key=backbone_key(params),
-        backbone_params=params,
+        key_params=params,
         random_weights=model.random_weights,
         src_flipped=None if features.tokens_flipped is None else features.tokens_flipped[:1],
     )
@@ -370,7 +370,7 @@ def _pair_features(catalog: Catalog, dataset: str, backbone: BackboneLike, image
         canvases=tuple(CanvasTransform(**store.transforms[row]) for row in rows),
         backbone=spec.name,
         backbone_key=store_key(store),
-        backbone_params=store.backbone_params,
+        key_params=store.key_params,
         random_weights=store.random_weights,
         src_flipped=src_flipped,
     )

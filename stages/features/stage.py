@@ -61,8 +61,8 @@ def resolve_backbone(catalog: Catalog, name: str | None) -> BackboneSpec:
     return catalog.backbone(name)
 
 
-def backbone_options(spec: BackboneSpec) -> dict[str, Any]:
-    """The keyword arguments of ``create_backbone``/``backbone_key_params`` that a catalog backbone sets."""
+def backbone_settings(spec: BackboneSpec) -> dict[str, Any]:
+    """A catalog backbone's settings as the keyword arguments of ``create_backbone`` and ``backbone_key_params``."""
     return {
         "weights": spec.weights,
         "image_size": spec.image_size,
@@ -72,14 +72,14 @@ def backbone_options(spec: BackboneSpec) -> dict[str, Any]:
     }
 
 
-def store_params(spec: BackboneSpec, device: str) -> dict[str, Any]:
-    """The store's key parameters: the backbone's ``key_params`` on ``device``, the storage dtype and
-    ``FEATURES_VERSION``."""
-    return stored_params(backbone_key_params(spec.model, **backbone_options(spec), device=device), spec)
+def store_key_params(spec: BackboneSpec, device: str) -> dict[str, Any]:
+    """The feature store's key parameters (``FeatureStore.key_params``, which name the store): the backbone's
+    key parameters on ``device``, the storage dtype and ``FEATURES_VERSION``."""
+    return _with_storage(backbone_key_params(spec.model, **backbone_settings(spec), device=device), spec)
 
 
-def stored_params(key_params: dict[str, Any], spec: BackboneSpec) -> dict[str, Any]:
-    """A backbone's ``key_params`` with what storing its tokens adds: the dtype, the implementation version."""
+def _with_storage(key_params: dict[str, Any], spec: BackboneSpec) -> dict[str, Any]:
+    """A backbone's key parameters with what storing its tokens adds: the dtype, the implementation version."""
     return {**key_params, "dtype": spec.dtype, "implementation": FEATURES_VERSION}
 
 
@@ -103,7 +103,7 @@ def open_features(
     """
     spec = resolve_backbone(catalog, backbone_name)
     devices = (device,) if device else DEVICES
-    paths = list(dict.fromkeys(features_path(catalog, dataset, store_params(spec, d)) for d in devices))
+    paths = list(dict.fromkeys(features_path(catalog, dataset, store_key_params(spec, d)) for d in devices))
     stores = []
     for path in paths:
         with contextlib.suppress(FeatureStoreError):
@@ -174,12 +174,12 @@ def _worker_backbone(spec: BackboneSpec, device: str) -> Backbone:
     """The backbone of ``spec`` on ``device``, loaded once per worker process and keyed by its key params."""
     from stages.features.backbones import create_backbone
 
-    options = backbone_options(spec)
-    key = stable_hash(backbone_key_params(spec.model, **options, device=device))
+    settings = backbone_settings(spec)
+    key = stable_hash(backbone_key_params(spec.model, **settings, device=device))
     with _BACKBONES_LOCK:
         if key not in _BACKBONES:
             _BACKBONES.clear()  # one model per process at a time: a ViT-g alone takes ~4.5 GB
-            _BACKBONES[key] = create_backbone(spec.model, **options, device=device)
+            _BACKBONES[key] = create_backbone(spec.model, **settings, device=device)
         return _BACKBONES[key]
 
 
@@ -227,11 +227,11 @@ def compute_shard(task: ShardTask) -> int:
     store = FeatureStore.open(task.store_path)
     with _torch_threads(get_worker().state.nthreads):
         backbone = _worker_backbone(task.backbone, task.device)
-        params = stored_params(backbone.key_params(), task.backbone)
-        if params != store.backbone_params:
+        params = _with_storage(backbone.key_params(), task.backbone)
+        if params != store.key_params:
             raise StageError(
                 f"{task.store_path}: this worker's backbone has key parameters {params}, the store was made "
-                f"for {store.backbone_params}; give every worker the same weights file and kind of device"
+                f"for {store.key_params}; give every worker the same weights file and kind of device"
             )
         features = shard_features(images, task.transforms, backbone, batch_size=task.backbone.batch_size)
     store.write_shard(task.shard, features.tokens, features.valid, tokens_flipped=features.tokens_flipped)
@@ -291,7 +291,7 @@ def extract_features(
     """
     from pipeline.cluster import run_tasks  # imports dask and distributed
 
-    params = store_params(spec, device)
+    params = store_key_params(spec, device)
     path = features_path(catalog, dataset, params)
     random_weights = _warn_if_random(dataset, params)
     rows = images.select(["image_id", "path", "width", "height"]).to_pylist()
@@ -308,7 +308,7 @@ def extract_features(
         transforms=[transform.as_dict() for transform in transforms],
         grid=(grid, grid),
         dim=dim,
-        backbone_params=params,
+        key_params=params,
         random_weights=random_weights,
         flipped=spec.flip,
         shard_size=shard_size,
@@ -385,10 +385,10 @@ def _complete_without_a_cluster(ctx: StageContext, spec: BackboneSpec, tables: d
     if options.force or options.verify or options.scheduler or ctx.catalog.cluster.address:
         return False
     for dataset in tables:  # nothing stored yet: no need to import torch to learn this machine's device
-        paths = {features_path(ctx.catalog, dataset, store_params(spec, device)) for device in DEVICES}
+        paths = {features_path(ctx.catalog, dataset, store_key_params(spec, device)) for device in DEVICES}
         if not any(_store_exists(path) for path in paths):
             return False
-    params = store_params(spec, GPU if _cuda_available() else CPU)
+    params = store_key_params(spec, GPU if _cuda_available() else CPU)
     for dataset, images in tables.items():
         try:
             store = FeatureStore.open(features_path(ctx.catalog, dataset, params))
@@ -408,7 +408,7 @@ def check_backbone(spec: BackboneSpec) -> None:
     from stages.features.weights import check_weights  # torch and timm only for a weights file
 
     try:
-        backbone_key_params(spec.model, **backbone_options(spec))
+        backbone_key_params(spec.model, **backbone_settings(spec))
         check_weights(spec.model, spec.weights)
     except BackboneError as error:
         raise CatalogError(f"backbones.{spec.name}: {error}") from error

@@ -113,7 +113,7 @@ def match_pair(
         "backbone": {
             "name": backbone.name,
             "key": features.backbone_key,
-            "params": features.backbone_params,
+            "params": features.key_params,
             "random_weights": features.random_weights,
             "device": device,
         },

@@ -34,7 +34,7 @@ def features(rows: range, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def create(path: Path, count: int, **options) -> FeatureStore:
-    settings = {"grid": GRID, "dim": DIM, "backbone_params": PARAMS, "shard_size": 2} | options
+    settings = {"grid": GRID, "dim": DIM, "key_params": PARAMS, "shard_size": 2} | options
     return FeatureStore.create_or_open(path, image_ids=ids(count), transforms=transforms(count), **settings)
 
 
@@ -64,7 +64,7 @@ def test_round_trip_keeps_tokens_valid_mask_and_attributes(tmp_path):
     assert reopened.rows_for(["img004", "img000"]) == [4, 0]
     assert reopened.image_ids == ids(5) and reopened.transforms == transforms(5)
     assert [CanvasTransform(**t) for t in reopened.transforms][1] == CanvasTransform.fit(21, 11, canvas_size=28)
-    assert (reopened.grid, reopened.dim, reopened.backbone_params) == (GRID, DIM, PARAMS)
+    assert (reopened.grid, reopened.dim, reopened.key_params) == (GRID, DIM, PARAMS)
     assert reopened.random_weights and not reopened.flipped and reopened.missing_shards() == []
     group = zarr.open_group(str(path), mode="r")
     assert group["tokens"].chunks == (1, *GRID, DIM) and group["tokens"].shards == (2, *GRID, DIM)
@@ -111,7 +111,7 @@ def test_appending_images_keeps_old_rows_and_computes_only_new_ones(tmp_path):
     before = all_tokens(FeatureStore.open(path))
     grown = FeatureStore.create_or_open(
         path, image_ids=ids(3, start=4) + ids(3), transforms=transforms(3, start=4) + transforms(3),
-        grid=GRID, dim=DIM, backbone_params=PARAMS, shard_size=7,
+        grid=GRID, dim=DIM, key_params=PARAMS, shard_size=7,
     )  # fmt: skip
     assert grown.image_ids == ids(3) + ids(3, start=4) and grown.shard_size == 2
     assert grown.missing_shards() == [(1, range(3, 4)), (2, range(4, 6))]
@@ -123,7 +123,7 @@ def test_appending_images_keeps_old_rows_and_computes_only_new_ones(tmp_path):
     np.testing.assert_allclose(tokens[3:], features(range(3, 6), seed=7)[0], atol=1e-3)
     assert (
         FeatureStore.create_or_open(
-            path, image_ids=ids(2), transforms=transforms(2), grid=GRID, dim=DIM, backbone_params=PARAMS
+            path, image_ids=ids(2), transforms=transforms(2), grid=GRID, dim=DIM, key_params=PARAMS
         ).n_images
         == 6
     )
@@ -135,7 +135,7 @@ def test_reopening_with_other_settings_or_transforms_is_refused(tmp_path):
     with pytest.raises(FeatureStoreError, match=r"made with other settings \(dim: stored 5, requested 6\)"):
         create(path, 2, dim=6)
     with pytest.raises(FeatureStoreError, match=r"backbone: stored .*'random:0'.*requested .*'random:1'"):
-        create(path, 2, backbone_params=PARAMS | {"weights": "random:1"})
+        create(path, 2, key_params=PARAMS | {"weights": "random:1"})
     with pytest.raises(FeatureStoreError, match=r"image 'img000' is stored with canvas transform \{'width': 20"):
         FeatureStore.create_or_open(
             path,
@@ -143,11 +143,11 @@ def test_reopening_with_other_settings_or_transforms_is_refused(tmp_path):
             transforms=transforms(2, start=1),
             grid=GRID,
             dim=DIM,
-            backbone_params=PARAMS,
+            key_params=PARAMS,
         )
     with pytest.raises(FeatureStoreError, match=r"duplicate image ids \['img000'\]"):
         FeatureStore.create_or_open(
-            path, image_ids=ids(1) * 2, transforms=transforms(2), grid=GRID, dim=DIM, backbone_params=PARAMS
+            path, image_ids=ids(1) * 2, transforms=transforms(2), grid=GRID, dim=DIM, key_params=PARAMS
         )
     with pytest.raises(FeatureStoreError, match="no feature store here; run the features stage first"):
         FeatureStore.open(tmp_path / "absent.zarr")

@@ -126,10 +126,10 @@ def test_store_holds_the_tokens_masks_and_transforms_of_every_image(catalog):
     stage.run(ctx)
     store = stage.open_features(catalog, "demo")
     images = images_table(catalog).to_pylist()
-    params = stage.store_params(catalog.backbone("daisy"), "cpu")
+    params = stage.store_key_params(catalog.backbone("daisy"), "cpu")
     assert store.path == f"{catalog.stores.cache_root}/features/demo/{backbone_key(params)}.zarr"
     assert Path(store.path).name.startswith("daisy-112-") and not store.random_weights
-    assert store.backbone_params == params and params["dtype"] == "float16"
+    assert store.key_params == params and params["dtype"] == "float16"
     assert store.image_ids == [row["image_id"] for row in images]
     daisy = create_backbone("daisy", weights="none", image_size=112, layer="prenorm", flip=False)
     tokens, valid = read_all(store)
@@ -151,7 +151,7 @@ def test_a_flip_backbone_also_stores_the_features_of_the_mirrored_images(tmp_pat
     catalog = load_catalog(write_catalog(tmp_path, data_root=demo_data, backbones=backbones), environ={})
     stage.run(context(catalog))
     store = stage.open_features(catalog, "demo")
-    assert store.flipped and store.backbone_params["flip"]
+    assert store.flipped and store.key_params["flip"]
     daisy = create_backbone("daisy", weights="none", image_size=112, layer="prenorm", flip=True)
     image = images_table(catalog).to_pylist()[1]
     pixels = np.array(Image.open(catalog.raw_dir("demo") / image["path"]).convert("RGB"))
@@ -170,7 +170,7 @@ def test_random_weights_are_named_in_the_path_and_warned_about_on_every_run(cata
         assert "features of demo use RANDOM weights: numbers are meaningless except for testing" in caplog.text
     store = stage.open_features(catalog, "demo", "vits")
     assert Path(store.path).name.startswith(f"{SMALL}-56-RANDOM-")
-    assert store.random_weights and store.backbone_params["weights"] == "random:0"
+    assert store.random_weights and store.key_params["weights"] == "random:0"
     assert read_all(store)[0].shape == (6, 4, 4, 384)
 
 
@@ -245,7 +245,9 @@ def test_a_failed_shard_is_reported_after_the_others_and_a_rerun_computes_only_i
     with pytest.raises(StageError, match=r"(?s)1 of 3 shard\(s\) failed twice.*shard 1 \(images '001-") as error:
         extract(catalog, "vits", shard_size=2)
     assert f"cannot use image(s) {row['image_id']!r} ({path}: " in str(error.value)
-    store = FeatureStore.open(stage.features_path(catalog, "demo", stage.store_params(catalog.backbone("vits"), "cpu")))
+    store = FeatureStore.open(
+        stage.features_path(catalog, "demo", stage.store_key_params(catalog.backbone("vits"), "cpu"))
+    )
     assert store.missing_shards() == [(1, range(2, 4))]
     assert forward_calls == [2, 2]  # shards 0 and 2; shard 1 fails on reading, before any forward pass
     path.write_bytes(original)
@@ -308,7 +310,7 @@ def test_any_timm_vit_fills_a_store_on_its_own_patch_grid(tmp_path, demo_data):
     store = stage.open_features(catalog, "demo")
     assert (store.grid, store.dim, store.n_images) == ((4, 4), 192, 6) and not store.missing_shards()
     assert {transform["patch_size"] for transform in store.transforms} == {16}
-    assert store.backbone_params["normalisation"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    assert store.key_params["normalisation"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 
 
 def test_worker_device_refuses_a_cluster_of_gpu_and_cpu_workers():

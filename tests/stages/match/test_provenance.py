@@ -61,11 +61,11 @@ def test_config_and_every_part_record_their_provenance(matched):
 def test_a_new_features_version_names_a_new_store(matched, monkeypatch):
     catalog = load_catalog(matched)
     spec = catalog.backbone("daisy")
-    before = features_stage.store_params(spec, "cpu")
+    before = features_stage.store_key_params(spec, "cpu")
     assert before["implementation"] == features_stage.FEATURES_VERSION
-    assert features_stage.open_features(catalog, "demo").backbone_params == before
+    assert features_stage.open_features(catalog, "demo").key_params == before
     monkeypatch.setattr(features_stage, "FEATURES_VERSION", features_stage.FEATURES_VERSION + 1)
-    after = features_stage.store_params(spec, "cpu")
+    after = features_stage.store_key_params(spec, "cpu")
     assert features_stage.features_path(catalog, "demo", after) != features_stage.features_path(catalog, "demo", before)
     with pytest.raises(PipelineError, match="run `pipeline run --stage features --dataset demo"):
         features_stage.open_features(catalog, "demo")  # the old code's features are not taken as computed
