@@ -8,7 +8,7 @@ notebook API re-exported as ``pipeline.match_images`` etc.
 from pipeline import registry
 
 registry.register_stage("download", "stages.download.stage")
-registry.register_stage("normalize", "stages.datasets.stage")
+registry.register_stage("normalize", "stages.datasets.normalize")
 registry.register_stage("features", "stages.features.stage")
 registry.register_stage("match", "stages.match.stage", announce="stages.commands:match_summary")
 registry.register_stage("report", "stages.report.stage", announce="stages.commands:report_index")

@@ -29,7 +29,7 @@ from PIL import Image
 from pipeline.catalog import REPO_CATALOG, BackboneSpec, Catalog, MatcherSpec, load_catalog
 from pipeline.context import StageContext
 from pipeline.errors import InputError, StageError
-from stages.datasets import stage as normalize_stage
+from stages.datasets import normalize as normalize_stage
 from stages.features.backbones import Backbone, backbone_key, create_backbone
 from stages.features.canvas import CanvasTransform
 from stages.features.stage import backbone_settings, open_features, resolve_backbone, shard_features, store_key_params

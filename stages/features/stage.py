@@ -32,7 +32,7 @@ from pipeline.catalog import BackboneSpec, Catalog
 from pipeline.context import StageContext, StageStatus
 from pipeline.errors import CatalogError, StageError
 from pipeline.features_store import DEFAULT_SHARD_SIZE, FeatureStore, FeatureStoreError
-from stages.datasets import stage as normalize_stage
+from stages.datasets import normalize as normalize_stage
 from stages.features.backbone_keys import BackboneError, backbone_key, backbone_key_params, patch_size
 from stages.features.canvas import CanvasTransform, image_to_canvas
 
@@ -403,7 +403,7 @@ def _complete_without_a_cluster(ctx: StageContext, spec: BackboneSpec, tables: d
 
 
 def check_backbone(spec: BackboneSpec) -> None:
-    """Raise CatalogError naming the catalog backbone when its options are invalid or its weights cannot be
+    """Raise CatalogError naming the catalog backbone when its settings are invalid or its weights cannot be
     loaded (``check_weights``: seconds, no retries), so that no cluster starts for work that must fail."""
     from stages.features.weights import check_weights  # torch and timm only for a weights file
 

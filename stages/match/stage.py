@@ -47,7 +47,7 @@ from pipeline.context import StageContext, StageStatus
 from pipeline.errors import CatalogError, PipelineError, StageError
 from pipeline.features_store import CorruptFeaturesError, FeatureStore, FeatureStoreError
 from pipeline.provenance import provenance
-from stages.datasets import stage as normalize_stage
+from stages.datasets import normalize as normalize_stage
 from stages.datasets.flo import read_flo, write_flo
 from stages.datasets.tss import ROOT as TSS_ROOT
 from stages.datasets.tss import SUBSETS as TSS_SUBSETS

@@ -22,7 +22,7 @@ from pipeline.cluster import dask_client
 from pipeline.context import RunOptions, StageContext, StageStatus
 from pipeline.errors import CatalogError, StageError
 from pipeline.features_store import CorruptFeaturesError, FeatureStore, FeatureStoreError
-from stages.datasets import stage as normalize_stage
+from stages.datasets import normalize as normalize_stage
 from stages.download import stage as download_stage
 from stages.features import backbones, stage
 from stages.features.backbones import Backbone, backbone_key, create_backbone
