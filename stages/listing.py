@@ -94,7 +94,7 @@ def run_lines(catalog: Catalog) -> Iterator[str]:
     rows = []
     for run in runs:
         datasets = sorted(p.name.removeprefix("dataset=") for p in (run / "pairs").glob("dataset=*"))
-        settings = {p.name for p in (run / "pairs").glob("dataset=*/matcher=*")}
+        settings = {p.name for p in (run / "pairs").glob("dataset=*/matcher=*/setting=*")}
         summary = "summary.md" if (run / "summary.md").is_file() else "no summary yet"
         rows.append((run.name, f"datasets: {', '.join(datasets) or '-'}", f"{len(settings)} setting(s); {summary}"))
     yield f"runs in {outputs} ({len(rows)}):"

@@ -40,8 +40,8 @@ def line_of(lines: list[str], start: str) -> str:
 
 def test_list_shows_every_section_with_settings_defaults_and_runs(tmp_path):
     run = tmp_path / "outputs" / "sweep"
-    for dataset, key in (("demo", "nn-1a2b"), ("demo", "gwot-3c4d"), ("willow", "nn-1a2b")):
-        part = results.part_path(run, "pairs", dataset, key, 0)
+    for dataset, label, key in (("demo", "nn", "1a2b"), ("demo", "gwot", "3c4d"), ("willow", "nn", "1a2b")):
+        part = results.part_path(run, "pairs", dataset, label, key, 0)
         part.parent.mkdir(parents=True)
         part.write_bytes(b"")
     (run / "config.json").write_text("{}")

@@ -60,7 +60,7 @@ def test_an_up_to_date_report_is_not_rebuilt_a_stale_or_forced_one_is(demo, monk
 def sweep_pairs(settings: dict[str, tuple[str, str, float]]) -> pd.DataFrame:
     """Two pairs per setting key: (label, params_json, PCK@0.1 of both pairs), matcher gwot, method gwot."""
     rows = [
-        {"dataset": "demo", "backbone_key": "daisy-112-0", "method": "gwot", "matcher": key, "matcher_label": label,
+        {"dataset": "demo", "backbone_key": "daisy-112-0", "method": "gwot", "setting": key, "matcher": label,
          "matcher_name": "gwot", "params_json": params, "n_kps": 4, "alphas": [0.05, 0.1], "pck": [0.0, pck],
          "flow_accuracy": None}
         for key, (label, params, pck) in settings.items()
