@@ -135,7 +135,7 @@ def match_pair_command(
 ) -> None:
     """Match your own image pair SRC -> TRG; write one picture per matcher and a JSON of the points."""
     from stages.features.stage import resolve_backbone  # imports torch and timm: only when needed
-    from stages.report.match_pair import DEFAULT_MATCHERS, match_pair, parse_points
+    from stages.match_pair import DEFAULT_MATCHERS, match_pair, parse_points
 
     catalog = load_catalog(ctx.obj["catalog_path"])
     check_matchers(catalog)
