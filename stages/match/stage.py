@@ -16,7 +16,9 @@ Scoring: PCK at every catalog alpha with the pair's threshold kind, ``error <= a
 original target pixels; flows (TSS and the demo's exact ground truth) with the TSS kit's T1..T50. TSS's
 predicted flows are also kept as ``.flo`` files in the kit's layout for ``pipeline export-tss``.
 
-Batches are deterministic, so reruns, resumes and any number of workers agree.
+Batches are deterministic, so reruns, resumes and any number of workers agree. The driver's side that reads no
+tensors (pairs, batches, the ledger, batches reused from other runs, the stage's status) is
+:mod:`stages.match.plan`; this module is the workers' side and the run.
 """
 
 from __future__ import annotations

@@ -27,6 +27,10 @@ def is_up_to_date(run_folder: Path) -> bool:
 def status(ctx: StageContext, dataset: str) -> StageStatus:
     """Done when the run's report exists and is newer than every result part of ``dataset``."""
     run_folder = results.run_dir(ctx.catalog.stores.outputs, ctx.options.run_name)
+    try:
+        results.check_layout(run_folder)
+    except results.OldLayoutError as error:
+        return StageStatus(0, None, str(error))
     parts = list((run_folder / "pairs").glob(PARTS.replace("dataset=*", f"dataset={dataset}", 1)))
     if not parts:
         return StageStatus(0, None, f"run {ctx.options.run_name}: no results of {dataset} yet")
