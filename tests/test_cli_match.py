@@ -144,6 +144,12 @@ def test_demo_end_to_end_gwot_beats_nearest_neighbours(tmp_path):
     assert sorted(set(theirs["matcher"])) == ["gwot[eps=0.02]", "nn"]
     assert "| demo | all | gwot[eps=0.02] | daisy |" in reused.output
 
+    # Within a run, a setting keeps the label it was first filed under: the same --set finds gwot's parts.
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("part-*.parquet")}
+    same = invoke(catalog, "run", "--stage", "match", "--matcher", "gwot", "--set", "gwot.eps=0.02")
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("part-*.parquet")} == before and "damaged" not in same
+    assert "| demo | all | gwot | daisy |" in same
+
 
 def test_tss_end_to_end_and_its_exported_flows_score_as_stored(tmp_path, shared_fixtures):
     archive = shutil.make_archive(

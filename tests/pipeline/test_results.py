@@ -39,6 +39,18 @@ def test_parts_round_trip_through_hive_partitions(tmp_path):
     assert results.read_results(tmp_path / "empty").columns.tolist()[-3:] == ["dataset", "matcher", "setting"]
 
 
+def test_settings_that_share_a_label_keep_apart_by_their_key(tmp_path):
+    """A catalog matcher edited between two invocations of a run: one label, two keys, two folders."""
+    run = results.run_dir(tmp_path, "r")
+    for key, counts in (("aaaaaaaaaaaa", [0, 1]), ("bbbbbbbbbbbb", [1, 1])):
+        path = results.part_path(run, "pairs", "d", "gwot", key, 0)
+        results.write_part(path, [pair_row("p1", 1, counts)], results.PAIRS_SCHEMA)
+    read = results.read_results(run).sort_values("setting")
+    assert read["matcher"].tolist() == ["gwot", "gwot"] and read["setting"].tolist() == ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]
+    assert [list(counts) for counts in read["n_correct"]] == [[0, 1], [1, 1]]
+    assert results.setting_labels(run, "d", "bbbbbbbbbbbb") == ["gwot"] and not results.setting_labels(run, "d", "c")
+
+
 def test_a_label_with_a_slash_is_escaped_in_its_folder_and_read_back(tmp_path):
     run = results.run_dir(tmp_path, "r")
     results.write_part(results.part_path(run, "pairs", "d", "a/b%", "k1", 0), [pair_row("p1", 1, [0, 1])],
