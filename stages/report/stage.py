@@ -299,7 +299,7 @@ def _sweep_heatmap(
 
 
 def _settings_section(pairs: pd.DataFrame) -> Section:
-    keys = ["dataset", "setting", "matcher", "method", "backbone", "backbone_key", "random_weights"]
+    keys = ["dataset", "matcher", "setting", "method", "backbone", "backbone_key", "random_weights"]
     table = (
         pairs.groupby([*keys, "params_json"], sort=True, observed=True)
         .agg(pairs=("pair_id", "size"), seconds=("solve_seconds", "mean"))

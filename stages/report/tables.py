@@ -41,8 +41,22 @@ class RunResults:
 
 
 def load_run(run_folder: str | Path) -> RunResults:
-    """Read every part of the run's pairs and keypoints tables."""
-    return RunResults(results.read_results(run_folder, "pairs"), results.read_results(run_folder, "keypoints"))
+    """Read every part of the run's pairs and keypoints tables, each label naming one setting per dataset
+    (:func:`distinct_labels`)."""
+    pairs = distinct_labels(results.read_results(run_folder, "pairs"))
+    keypoints = results.read_results(run_folder, "keypoints")
+    labels = pairs.drop_duplicates(["dataset", "setting"]).set_index(["dataset", "setting"])["matcher"]
+    keys = pd.MultiIndex.from_frame(keypoints[["dataset", "setting"]])
+    return RunResults(pairs, keypoints.assign(matcher=labels.reindex(keys).to_numpy()))
+
+
+def distinct_labels(pairs: pd.DataFrame) -> pd.DataFrame:
+    """``pairs`` with the key appended to a label that several settings of a dataset share (``gwot
+    (0c961a6f0b16)``: a catalog matcher edited between invocations of a run), so no table merges them."""
+    shared = pairs.groupby(["dataset", "matcher"], observed=True)["setting"].transform("nunique") > 1
+    if not shared.any():
+        return pairs
+    return pairs.assign(matcher=pairs["matcher"].where(~shared, pairs["matcher"] + " (" + pairs["setting"] + ")"))
 
 
 def scored_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
