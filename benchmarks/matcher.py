@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.match import gwot, nn_match
+from stages.match import nn_match
+from stages.match.gwot import gwot
 
 CHANNELS = 64
 REPO = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.matcher import feature_grids
-from stages.match import gwot
+from stages.match.gwot import gwot
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,11 +20,13 @@ PLUGIN_PACKAGE = "stages"  # imported once, on first use; its __init__ calls the
 
 @dataclass(frozen=True)
 class StageEntry:
-    """A stage: its module (``run(ctx)``, ``status(ctx, dataset)``) and what ``pipeline run`` prints after it."""
+    """A stage: its module (``run(ctx)``, ``status(ctx, dataset)``), what ``pipeline run`` prints after it, and
+    where its status is read from when that is a lighter module than the stage's own."""
 
     name: str
     module: str
     announce: str | None = None  # "module:function": (catalog, run_name) -> a line printed after `pipeline run`
+    status: str | None = None  # "module:function": (ctx, dataset) -> StageStatus; default: the module's status
 
 
 _STAGES: dict[str, StageEntry] = {}  # in the order a full run executes them
@@ -36,9 +38,10 @@ _API: dict[str, str] = {}  # notebook API name -> module defining it
 _loaded = False
 
 
-def register_stage(name: str, module: str, announce: str | None = None) -> None:
-    """Add stage ``name`` after those registered before it."""
-    _STAGES[name] = StageEntry(name, module, announce)
+def register_stage(name: str, module: str, announce: str | None = None, status: str | None = None) -> None:
+    """Add stage ``name`` after those registered before it; ``status`` names a status function that imports
+    less than the stage (``pipeline status`` answers at once)."""
+    _STAGES[name] = StageEntry(name, module, announce, status)
 
 
 def register_dataset_kind(kind: str, module: str, source: str | None = None) -> None:
@@ -90,6 +93,14 @@ def stage_module(name: str) -> ModuleType:
     if name not in entries:
         raise CatalogError(f"unknown stage {name!r}; valid stages: {', '.join(entries)}")
     return resolve(entries[name].module)
+
+
+def stage_status(name: str) -> Any:
+    """The function ``(ctx, dataset) -> StageStatus`` of stage ``name``."""
+    entry = stages().get(name)
+    if entry is None or entry.status is None:
+        return stage_module(name).status
+    return resolve(entry.status)
 
 
 def dataset_kinds() -> tuple[str, ...]:

@@ -1,16 +1,20 @@
-"""The Parquet result tables of a run: fixed schemas, part files, reading them back, and the summaries.
+"""The Parquet result tables of a run: fixed schemas, part files, reading them back, the stored summary.
 
 Layout of ``<outputs>/<run>/`` (hive-style partitions, so ``pd.read_parquet("<outputs>/<run>/pairs")``
-reads every part with ``dataset`` and ``matcher`` (the setting's key) as columns)::
+reads every part with ``dataset``, ``matcher`` (the setting's label) and ``setting`` (its key) as columns)::
 
-    pairs/dataset=<d>/matcher=<key>/part-<batch:05d>.parquet      one row per (pair, setting)
-    keypoints/dataset=<d>/matcher=<key>/part-<batch:05d>.parquet  one row per (pair, keypoint, setting)
-    flows/<d>/<key>/<group>/flow<n>.flo                           predicted TSS flows, the kit's layout
+    pairs/dataset=<d>/matcher=<label>/setting=<key>/part-<batch:05d>.parquet      one row per (pair, setting)
+    keypoints/dataset=<d>/matcher=<label>/setting=<key>/part-<batch:05d>.parquet  one row per (pair, keypoint)
+    flows/<d>/<label>/<key>/<group>/flow<n>.flo                  predicted TSS flows, the kit's layout
     config.json   the resolved settings of every invocation, merged (settings are never dropped)
-    summary.parquet, summary.md                                    both PCK averages, TSS accuracies
+    summary.parquet, summary.md                                  both PCK averages, TSS accuracies
 
-The part files hold no ``dataset`` or ``matcher`` column: the partition folders give them. This module
-stores rows and arrays; it knows nothing of how they were matched.
+The label is the catalog matcher's name (``gwot``), with the swept values of a ``--set`` sweep
+(``gwot[eps=0.02,k=3]``); the key, a hash of the method, its parameters and code version and the feature
+store, tells apart settings that share a label (a catalog matcher whose parameters were edited between
+runs, another backbone). Partition values are URI-escaped, as pyarrow reads them. The part files hold no
+``dataset``, ``matcher`` or ``setting`` column: the partition folders give them. This module stores rows
+and arrays; it knows nothing of how they were matched or are summarised.
 """
 
 from __future__ import annotations
@@ -18,19 +22,23 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, unquote
 
-import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache import atomic_path, atomic_write_bytes
 from pipeline.damage import report_damage
+from pipeline.errors import PipelineError
 
-PARTITIONS = pa.schema([pa.field("dataset", pa.string()), pa.field("matcher", pa.string())])
+if TYPE_CHECKING:
+    import pandas as pd
+
+PARTITIONS = pa.schema(
+    [pa.field("dataset", pa.string()), pa.field("matcher", pa.string()), pa.field("setting", pa.string())]
+)
 PROVENANCE_KEY = "provenance"  # the Parquet metadata key of a part's provenance record
-FLOW_THRESHOLDS = tuple(range(1, 51))  # the TSS kit's T1..T50: percent of the target image's larger side
 
 PAIRS_SCHEMA = pa.schema(
     [
@@ -39,8 +47,7 @@ PAIRS_SCHEMA = pa.schema(
         pa.field("category", pa.string(), nullable=False),  # TSS: the subset
         pa.field("src_image_id", pa.string(), nullable=False),
         pa.field("trg_image_id", pa.string(), nullable=False),
-        pa.field("matcher_name", pa.string(), nullable=False),  # the catalog matcher
-        pa.field("matcher_label", pa.string(), nullable=False),  # e.g. gwot[eps=0.02,k=3]
+        pa.field("matcher_name", pa.string(), nullable=False),  # the catalog matcher (the label less its sweep)
         pa.field("method", pa.string(), nullable=False),  # nn | gwot
         pa.field("params_json", pa.string(), nullable=False),  # every parameter of the setting
         pa.field("backbone", pa.string(), nullable=False),  # the catalog backbone
@@ -99,14 +106,14 @@ KEYPOINTS_SCHEMA = pa.schema(
 SUMMARY_SCHEMA = pa.schema(
     [
         pa.field("dataset", pa.string()),
-        pa.field("matcher", pa.string()),  # the setting's key
-        pa.field("matcher_label", pa.string()),
+        pa.field("matcher", pa.string()),  # the setting's label, e.g. gwot[eps=0.02,k=3]
+        pa.field("setting", pa.string()),  # the setting's key
         pa.field("method", pa.string()),
         pa.field("backbone", pa.string()),
         pa.field("backbone_key", pa.string()),
         pa.field("random_weights", pa.bool_()),
         pa.field("subset", pa.string()),  # "all", or the TSS subset its flow accuracies are averaged over
-        pa.field("threshold_kind", pa.string()),  # what alpha (or T/100) multiplies: see REFERENCE_LENGTHS
+        pa.field("threshold_kind", pa.string()),  # what alpha (or T/100) multiplies: pck.THRESHOLD_KINDS
         pa.field("metric", pa.string()),  # pck | flow_accuracy
         pa.field("averaging", pa.string()),  # per_image | per_keypoint | all_directions | without_flip
         pa.field("threshold", pa.float64()),  # alpha, or T/100 for flows
@@ -118,16 +125,6 @@ SUMMARY_SCHEMA = pa.schema(
 )
 
 TABLES = {"pairs": PAIRS_SCHEMA, "keypoints": KEYPOINTS_SCHEMA}
-SETTING_COLUMNS = ["dataset", "matcher", "matcher_label", "method", "backbone", "backbone_key", "random_weights"]
-REFERENCE_LENGTHS = {
-    "trg_bbox": "max(w, h) of the target bbox",
-    "trg_image": "max(W, H) of the target image",
-    "trg_kps": "the larger extent of the target keypoints",
-}
-PCK_AVERAGINGS = {
-    "per_image": "mean over pairs of each pair's fraction correct",
-    "per_keypoint": "correct keypoints of all pairs pooled",
-}
 
 
 def run_dir(outputs: str | Path, run: str) -> Path:
@@ -135,16 +132,57 @@ def run_dir(outputs: str | Path, run: str) -> Path:
     return Path(outputs) / run
 
 
-def part_path(run_folder: str | Path, table: str, dataset: str, matcher_key: str, batch: int) -> Path:
-    """Where batch ``batch`` of one dataset and setting writes its part of ``table`` (pairs | keypoints)."""
+def _partition(name: str, value: str) -> str:
+    """A hive partition folder ``name=value``, the value URI-escaped (as pyarrow unescapes it)."""
+    return f"{name}={quote(value, safe='[]=,+')}"
+
+
+def partition_dir(run_folder: str | Path, table: str, dataset: str, matcher: str, setting: str) -> Path:
+    """The folder of one dataset's parts of ``table`` (pairs | keypoints) under one setting (label, key)."""
     if table not in TABLES:
         raise ValueError(f"unknown result table {table!r}; expected one of {', '.join(TABLES)}")
-    return Path(run_folder) / table / f"dataset={dataset}" / f"matcher={matcher_key}" / f"part-{batch:05d}.parquet"
+    parts = (_partition("dataset", dataset), _partition("matcher", matcher), _partition("setting", setting))
+    return Path(run_folder, table, *parts)
 
 
-def flows_dir(run_folder: str | Path, dataset: str, matcher_key: str) -> Path:
+def part_path(run_folder: str | Path, table: str, dataset: str, matcher: str, setting: str, batch: int) -> Path:
+    """Where batch ``batch`` of one dataset and setting (``matcher``: its label, ``setting``: its key) writes
+    its part of ``table`` (pairs | keypoints)."""
+    return partition_dir(run_folder, table, dataset, matcher, setting) / f"part-{batch:05d}.parquet"
+
+
+def flows_dir(run_folder: str | Path, dataset: str, matcher: str, setting: str) -> Path:
     """The folder of a setting's predicted flows, in the TSS kit's ``<subset>/<pair>/flowN.flo`` layout."""
-    return Path(run_folder) / "flows" / dataset / matcher_key
+    return Path(run_folder) / "flows" / dataset / quote(matcher, safe="[]=,+") / setting
+
+
+def setting_labels(run_folder: str | Path, dataset: str, setting: str) -> list[str]:
+    """The labels under which a run holds pairs parts of setting ``setting`` (a key) of ``dataset``."""
+    folder = Path(run_folder, "pairs", _partition("dataset", dataset))
+    if not folder.is_dir():
+        return []
+    found = (
+        p for p in folder.iterdir() if p.name.startswith("matcher=") and (p / _partition("setting", setting)).is_dir()
+    )
+    return sorted(unquote(p.name.partition("=")[2]) for p in found)
+
+
+class OldLayoutError(PipelineError):
+    """A run holds result parts of the layout before ``setting=`` partitions, which this version does not read."""
+
+
+def check_layout(run_folder: str | Path) -> None:
+    """OldLayoutError when the run holds parts in the older ``dataset=<d>/matcher=<key>/part-*.parquet`` layout
+    (the setting's key in the ``matcher`` folder), which would otherwise be silently left out."""
+    for table in TABLES:
+        old = next(Path(run_folder, table).glob("dataset=*/matcher=*/part-*.parquet"), None)
+        if old is not None:
+            raise OldLayoutError(
+                f"{old.parent}: results of an older layout (the setting's key as the matcher folder), which this "
+                f"version does not read; re-run the match stage into a new run (--run NEW), or delete "
+                f"{Path(run_folder) / 'pairs'}, {Path(run_folder) / 'keypoints'} and {Path(run_folder) / '.done'} "
+                "and re-run it"
+            )
 
 
 def write_part(
@@ -166,21 +204,22 @@ def read_provenance(path: str | Path) -> dict[str, Any] | None:
 
 
 def read_results(run_folder: str | Path, table: str = "pairs") -> pd.DataFrame:
-    """Every part of ``table`` in a run, with ``dataset`` and ``matcher`` columns from the partitions.
+    """Every part of ``table`` in a run, with ``dataset``, ``matcher`` and ``setting`` columns from the partitions.
 
     Unlike a bare ``pd.read_parquet`` it fixes the partition columns as strings (a key of digits only
     would otherwise be read as a number) and returns an empty frame of the right columns before any part.
     A part that does not read back is reported and left out (set aside during a run: its batch is
-    recomputed by the next match run).
+    recomputed by the next match run). Parts of the older layout are an error (:func:`check_layout`).
     """
+    check_layout(run_folder)
     folder = Path(run_folder) / table
     schema = pa.schema([*TABLES[table], *PARTITIONS])
     tables = []
-    for path in sorted(folder.glob("dataset=*/matcher=*/part-*.parquet")):
+    for path in sorted(folder.glob("dataset=*/matcher=*/setting=*/part-*.parquet")):
         part = read_part(path, table)  # read whole once: its checksums are verified on this very read
         if part is not None:
-            dataset, matcher = (folder.name.partition("=")[2] for folder in (path.parents[1], path.parent))
-            columns = [pa.array([value] * part.num_rows, pa.string()) for value in (dataset, matcher)]
+            values = [unquote(folder.name.partition("=")[2]) for folder in reversed(path.parents[:3])]
+            columns = [pa.array([value] * part.num_rows, pa.string()) for value in values]
             tables.append(pa.Table.from_arrays([*part.columns, *columns], schema=schema))
     if not tables:
         return schema.empty_table().to_pandas()
@@ -190,8 +229,14 @@ def read_results(run_folder: str | Path, table: str = "pairs") -> pd.DataFrame:
 def read_part(path: str | Path, table: str) -> pa.Table | None:
     """One part file of ``table`` read whole, or None when it is absent or damaged (reported; set aside
     during a run, so that its batch counts as not done)."""
+    schema = TABLES[table]
     try:
-        return pq.read_table(path, schema=TABLES[table], page_checksum_verification=True)
+        # ParquetFile, not read_table: that imports pandas, which `pipeline status` has no use for
+        with pq.ParquetFile(path, page_checksum_verification=True) as file:
+            part = file.read()
+        stored = set(part.column_names)  # a column added since the part was written reads as nulls
+        columns = [part[f.name].cast(f.type) if f.name in stored else pa.nulls(len(part), f.type) for f in schema]
+        return pa.Table.from_arrays(columns, schema=schema)
     except FileNotFoundError:
         return None
     except (pa.ArrowException, OSError) as error:
@@ -199,11 +244,11 @@ def read_part(path: str | Path, table: str) -> pa.Table | None:
         return None
 
 
-def batch_intact(run_folder: str | Path, dataset: str, matcher_key: str, batch: int, n_pairs: int) -> bool:
+def batch_intact(run_folder: str | Path, dataset: str, matcher: str, setting: str, batch: int, n_pairs: int) -> bool:
     """Whether both parts of a committed batch read back, its pairs part with ``n_pairs`` rows; a missing
     or damaged part is reported, so the batch is recomputed."""
     for table in TABLES:
-        path = part_path(run_folder, table, dataset, matcher_key, batch)
+        path = part_path(run_folder, table, dataset, matcher, setting, batch)
         part = read_part(path, table)
         if part is None and not path.exists():
             report_damage(path, "the committed part is missing", "recomputes its batch")
@@ -215,121 +260,13 @@ def batch_intact(run_folder: str | Path, dataset: str, matcher_key: str, batch: 
     return True
 
 
-def pck_long(pairs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (pair, alpha) with ``alpha``, ``n_correct`` and ``pck`` columns, for groupby analyses."""
-    long = pairs.explode(["alphas", "n_correct", "pck"]).rename(columns={"alphas": "alpha"})
-    return long.astype({"alpha": "float64", "n_correct": "int64", "pck": "float64"})
-
-
-def _pck_summary(pairs: pd.DataFrame) -> pd.DataFrame:
-    long = pck_long(pairs[pairs["n_kps"] > 0])
-    long["fraction"] = long["n_correct"] / long["n_kps"]
-    keys = [*SETTING_COLUMNS, "threshold_kind", "alpha"]
-    grouped = long.groupby(keys, observed=True, sort=True).agg(
-        per_image=("fraction", "mean"),
-        correct=("n_correct", "sum"),
-        n_keypoints=("n_kps", "sum"),
-        n_pairs=("pair_id", "size"),
-    )
-    grouped["per_keypoint"] = grouped["correct"] / grouped["n_keypoints"]
-    rows = grouped.reset_index().melt(
-        id_vars=[*keys, "n_pairs", "n_keypoints"],
-        value_vars=["per_image", "per_keypoint"],
-        var_name="averaging",
-    )
-    rows["protocol"] = [
-        f"PCK: correct if error <= alpha * {REFERENCE_LENGTHS.get(kind, kind)}, in original image pixels; "
-        + PCK_AVERAGINGS[how]
-        for kind, how in zip(rows["threshold_kind"], rows["averaging"], strict=True)
-    ]
-    return rows.assign(subset="all", metric="pck").rename(columns={"alpha": "threshold"})
-
-
-def _flow_summary(pairs: pd.DataFrame) -> pd.DataFrame:
-    scored = pairs[pairs["flow_accuracy"].notna()].copy()
-    scored["subset"] = scored["category"].where(scored["group"].notna(), "all")
-    out = []
-    for keys, group in scored.groupby([*SETTING_COLUMNS, "subset"], observed=True, sort=True):
-        for averaging, rows in (("all_directions", group), ("without_flip", group[~group["flip"]])):
-            if rows.empty:
-                continue
-            accuracy = np.stack(rows["flow_accuracy"].to_numpy()).mean(axis=0)
-            for t, value in zip(FLOW_THRESHOLDS, accuracy, strict=True):
-                out.append(
-                    {
-                        **dict(zip([*SETTING_COLUMNS, "subset"], keys, strict=True)),
-                        "threshold_kind": "trg_image",
-                        "metric": "flow_accuracy",
-                        "averaging": averaging,
-                        "threshold": t / 100,
-                        "value": float(value),
-                        "n_pairs": len(rows),
-                        "n_keypoints": 0,
-                        "protocol": "TSS kit: share of known ground-truth pixels with error <= T/100 * max(H, W) "
-                        "of the target image, in original pixels; mean over directions"
-                        + (" of pairs with flip_gt = 0" if averaging == "without_flip" else ""),
-                    }
-                )
-    return pd.DataFrame(out)
-
-
-def summarize(pairs: pd.DataFrame) -> pd.DataFrame:
-    """Per dataset and setting: PCK at every alpha averaged per image and per keypoint, and for rows with
-    a ground-truth flow the mean accuracy at T1..T50 over all directions and without flipped pairs (per TSS
-    subset). One row per number, every row labelled with its protocol; columns of ``SUMMARY_SCHEMA``."""
-    parts = [frame for frame in (_pck_summary(pairs), _flow_summary(pairs)) if not frame.empty]
-    if not parts:
-        return SUMMARY_SCHEMA.empty_table().to_pandas()
-    summary = pd.concat(parts, ignore_index=True)[SUMMARY_SCHEMA.names]
-    return pa.Table.from_pandas(summary, schema=SUMMARY_SCHEMA, preserve_index=False).to_pandas()
-
-
-def _percent(value: float) -> str:
-    return "-" if pd.isna(value) else f"{100 * value:.1f}"
-
-
-def summary_markdown(summary: pd.DataFrame) -> str:
-    """A Markdown table of a summary: one row per dataset, subset and setting; PCK at each alpha per image
-    ("img") and per keypoint ("kp"), TSS flow accuracy at T5 (all directions, w/o flip); values in %."""
-    if summary.empty:
-        return "No results yet.\n"
-    pck = summary[summary["metric"] == "pck"]
-    flow = summary[(summary["metric"] == "flow_accuracy") & np.isclose(summary["threshold"], 0.05)]
-    alphas = sorted(pck["threshold"].unique())
-    columns = [f"PCK@{alpha:g} {short}" for alpha in alphas for short in ("img", "kp")]
-    if not flow.empty:
-        columns += ["T5 all", "T5 w/o flip"]
-    short = {"per_image": "img", "per_keypoint": "kp", "all_directions": "all", "without_flip": "w/o flip"}
-    table: dict[tuple, dict[str, str]] = {}
-    for row in pd.concat([pck, flow]).itertuples(index=False):
-        backbone = row.backbone + (" (RANDOM weights)" if row.random_weights else "")
-        key = (row.dataset, row.subset, row.matcher_label, backbone, row.matcher, row.threshold_kind)
-        name = f"PCK@{row.threshold:g} {short[row.averaging]}" if row.metric == "pck" else f"T5 {short[row.averaging]}"
-        table.setdefault(key, {})[name] = _percent(row.value)
-    header = ["dataset", "subset", "matcher", "backbone", "key", "threshold", *columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key in sorted(table):
-        lines.append("| " + " | ".join([*key, *(table[key].get(c, "-") for c in columns)]) + " |")
-    kinds = "; ".join(f"{kind}: {REFERENCE_LENGTHS[kind]}" for kind in REFERENCE_LENGTHS)
-    notes = [
-        "",
-        f"PCK@alpha: correct if error <= alpha * the threshold's length ({kinds}), in original image pixels; "
-        "img = mean over pairs of each pair's fraction correct, kp = all keypoints pooled. T5: TSS kit flow "
-        "accuracy at 5% of the target's larger side, mean over directions (w/o flip: pairs with flip_gt = 0). "
-        "Values in %.",
-    ]
-    return "\n".join(lines + notes) + "\n"
-
-
-def write_summary(run_folder: str | Path, pairs: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Summarise every pair result of the run (``pairs``: the run's pairs table, when already read) into
-    ``summary.parquet`` and ``summary.md``; returns it."""
-    run_folder = Path(run_folder)
-    summary = summarize(read_results(run_folder, "pairs") if pairs is None else pairs)
-    with atomic_path(run_folder / "summary.parquet") as tmp:
-        pq.write_table(pa.Table.from_pandas(summary, schema=SUMMARY_SCHEMA, preserve_index=False), tmp)
-    atomic_write_bytes(run_folder / "summary.md", summary_markdown(summary).encode())
-    return summary
+def write_summary(run_folder: str | Path, summary: pd.DataFrame, markdown: str) -> None:
+    """Store a run's summary (columns of ``SUMMARY_SCHEMA``) as ``summary.parquet`` and its Markdown table as
+    ``summary.md``, both atomically."""
+    table = pa.Table.from_pandas(summary[SUMMARY_SCHEMA.names], schema=SUMMARY_SCHEMA, preserve_index=False)
+    with atomic_path(Path(run_folder) / "summary.parquet") as tmp:
+        pq.write_table(table, tmp)
+    atomic_write_bytes(Path(run_folder) / "summary.md", markdown.encode())
 
 
 def read_run_config(run_folder: str | Path) -> dict[str, Any]:

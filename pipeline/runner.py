@@ -47,7 +47,7 @@ def status_table(
     """``(dataset, stage, status)`` for every selected dataset and stage (``options``: backbone and run)."""
     ctx = StageContext(catalog=catalog, datasets=select_datasets(catalog, datasets), options=options or RunOptions())
     return [
-        (dataset, name, registry.stage_module(name).status(ctx, dataset))
+        (dataset, name, registry.stage_status(name)(ctx, dataset))
         for dataset in ctx.datasets
         for name in registry.stages()
     ]

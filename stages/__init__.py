@@ -10,8 +10,12 @@ from pipeline import registry
 registry.register_stage("download", "stages.download.stage")
 registry.register_stage("normalize", "stages.datasets.normalize")
 registry.register_stage("features", "stages.features.stage")
-registry.register_stage("match", "stages.match.stage", announce="stages.commands:match_summary")
-registry.register_stage("report", "stages.report.stage", announce="stages.commands:report_index")
+registry.register_stage(
+    "match", "stages.match.stage", announce="stages.commands:match_summary", status="stages.match.plan:status"
+)
+registry.register_stage(
+    "report", "stages.report.stage", announce="stages.commands:report_index", status="stages.report.status:status"
+)
 
 registry.register_dataset_kind("tss", "stages.datasets.tss")
 registry.register_dataset_kind("pf-willow", "stages.datasets.pfwillow")

@@ -34,8 +34,9 @@ from stages.features.backbones import Backbone, backbone_key, create_backbone
 from stages.features.canvas import CanvasTransform
 from stages.features.stage import backbone_settings, open_features, resolve_backbone, shard_features, store_key_params
 from stages.match import transfer_keypoints
+from stages.match.plan import store_key
 from stages.match.settings import MatcherSetting, parse_params
-from stages.match.stage import readout_options, solve, store_key
+from stages.match.stage import readout_options, solve
 from stages.report.draw import correspondence_figure, save_png
 
 ImageLike = str | Path | Image.Image | np.ndarray

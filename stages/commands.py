@@ -25,7 +25,7 @@ def check_matchers_and_sweeps(catalog: Catalog, options: RunOptions) -> None:
 
 def match_summary(catalog: Catalog, run_name: str) -> str:
     """What ``pipeline run`` prints after the match stage: the run's summary table."""
-    from pipeline import results  # imports pandas: only after a run
+    from pipeline import results
 
     return (results.run_dir(catalog.stores.outputs, run_name) / "summary.md").read_text()
 
@@ -33,7 +33,7 @@ def match_summary(catalog: Catalog, run_name: str) -> str:
 def report_index(catalog: Catalog, run_name: str) -> str:
     """What ``pipeline run`` prints after the report stage: where its index page is."""
     from pipeline import results
-    from stages.report.stage import report_dir  # the stage ran: its imports are loaded already
+    from stages.report.status import report_dir
 
     return f"report: {report_dir(results.run_dir(catalog.stores.outputs, run_name)) / 'index.html'}"
 
@@ -67,9 +67,9 @@ def report_command(ctx: click.Context, run_name: str) -> None:
 @click.pass_context
 def export_tss_command(ctx: click.Context, run_name: str, matcher: str, out: Path, dataset: str | None) -> None:
     """Write a setting's predicted TSS flows as OUT/<subset>/<pair>/flow1.flo, flow2.flo (the kit's layout)."""
-    from stages.match.stage import export_tss as export  # imports torch: only when needed
+    from stages.evaluate.tss_kit import export_tss
 
-    count = export(load_catalog(ctx.obj["catalog_path"]), run_name, matcher, out, dataset)
+    count = export_tss(load_catalog(ctx.obj["catalog_path"]), run_name, matcher, out, dataset)
     click.echo(f"exported the flows of {count} pair(s) to {out}")
 
 
@@ -87,7 +87,7 @@ def score_tss_command(
     ctx: click.Context, results_dir: Path, dataset_dir: Path | None, out: Path | None, all_rows: bool
 ) -> None:
     """Score flows in the TSS kit's layout (RESULTS_DIR/<subset>/<pair>/flowN.flo) as the official kit does."""
-    from stages.match.stage import default_tss_dir, score_tss_folders  # imports torch: only when needed
+    from stages.evaluate.tss_kit import default_tss_dir, score_tss_folders
 
     dataset_dir = dataset_dir or default_tss_dir(load_catalog(ctx.obj["catalog_path"]))
     rows = [
@@ -135,7 +135,7 @@ def match_pair_command(
 ) -> None:
     """Match your own image pair SRC -> TRG; write one picture per matcher and a JSON of the points."""
     from stages.features.stage import resolve_backbone  # imports torch and timm: only when needed
-    from stages.report.match_pair import DEFAULT_MATCHERS, match_pair, parse_points
+    from stages.match_pair import DEFAULT_MATCHERS, match_pair, parse_points
 
     catalog = load_catalog(ctx.obj["catalog_path"])
     check_matchers(catalog)

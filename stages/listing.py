@@ -89,13 +89,19 @@ def matcher_lines(catalog: Catalog) -> Iterator[str]:
 
 def run_lines(catalog: Catalog) -> Iterator[str]:
     """One line per run folder under the outputs store: its datasets and how many matcher settings."""
+    from pipeline import results  # imports pyarrow: only for this section
+
     outputs = Path(catalog.stores.outputs)
     runs = sorted(p for p in outputs.iterdir() if (p / "config.json").is_file()) if outputs.is_dir() else []
     rows = []
     for run in runs:
         datasets = sorted(p.name.removeprefix("dataset=") for p in (run / "pairs").glob("dataset=*"))
-        settings = {p.name for p in (run / "pairs").glob("dataset=*/matcher=*")}
+        settings = {p.name for p in (run / "pairs").glob("dataset=*/matcher=*/setting=*")}
         summary = "summary.md" if (run / "summary.md").is_file() else "no summary yet"
+        try:
+            results.check_layout(run)
+        except results.OldLayoutError:
+            summary = "results of an older layout: re-run its match stage into a new run"
         rows.append((run.name, f"datasets: {', '.join(datasets) or '-'}", f"{len(settings)} setting(s); {summary}"))
     yield f"runs in {outputs} ({len(rows)}):"
     yield from _table(rows)

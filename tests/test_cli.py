@@ -234,3 +234,22 @@ def test_bad_matcher_parameters_fail_before_any_stage_starts_naming_their_source
     assert " torch" not in result.stderr and "Traceback" not in result.stderr
     # ... and without touching a store: nothing is written next to the catalog.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.yaml"]
+
+
+def test_a_run_of_the_older_layout_is_refused_in_one_line_by_status_report_and_export(tmp_path):
+    catalog = write_catalog(tmp_path, DEMO_CATALOG + "matchers:\n  nn: {method: nn}\n")
+    run = tmp_path / "outputs" / "old"
+    old = run / "pairs" / "dataset=demo" / "matcher=0123456789ab" / "part-00000.parquet"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"PAR1")
+    (run / "config.json").write_text('{"settings": {"0123456789ab": {"name": "nn", "label": "nn"}}}')
+    expected = f"{old.parent}: results of an older layout (the setting's key as the matcher folder)"
+
+    status = invoke(catalog, "status", "--run", "old")
+    assert status.exit_code == 0
+    rows = [line for line in status.output.splitlines() if line.split()[1:2] in (["match"], ["report"])]
+    assert len(rows) == 2 and all(expected in row and "re-run the match stage" in row for row in rows)
+    for command in (["report", "--run", "old"], ["export-tss", "--run", "old", "--matcher", "nn", "--out", "x"]):
+        result = invoke(catalog, *command)
+        assert result.exit_code == 1 and result.output.startswith(f"error: {expected}")
+        assert len(result.output.splitlines()) == 1

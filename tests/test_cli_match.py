@@ -13,6 +13,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from pipeline import results
 from pipeline.cli import cli
 
 IN_PROCESS = {"n_workers": 1, "processes": False}
@@ -92,16 +93,16 @@ def test_demo_end_to_end_gwot_beats_nearest_neighbours(tmp_path):
     keypoints = pd.read_parquet(run / "keypoints")
     ids = ["000-astronaut", "001-chelsea", "002-coffee", "003-rocket"]
     for label in ("nn", "gwot"):
-        assert sorted(pairs.loc[pairs["matcher_label"] == label, "pair_id"]) == ids  # each pair exactly once
+        assert sorted(pairs.loc[pairs["matcher"] == label, "pair_id"]) == ids  # each pair exactly once
     assert len(keypoints) == 2 * 4 * 10 and not keypoints.duplicated(["matcher", "pair_id", "kp_index"]).any()
     assert set(pairs["dataset"]) == {"demo"} and not pairs["random_weights"].any()
     at_01 = pairs["alphas"].map(list).map(lambda alphas: alphas.index(0.1))
     correct = pairs["n_correct"].map(list).combine(at_01, lambda counts, i: counts[i])
-    pooled = correct.groupby(pairs["matcher_label"]).sum() / pairs.groupby("matcher_label")["n_kps"].sum()
+    pooled = correct.groupby(pairs["matcher"]).sum() / pairs.groupby("matcher")["n_kps"].sum()
 
     summary = pd.read_parquet(run / "summary.parquet")
     pck = summary[(summary["metric"] == "pck") & np.isclose(summary["threshold"], 0.1)]
-    by = pck.set_index(["matcher_label", "averaging"])["value"]
+    by = pck.set_index(["matcher", "averaging"])["value"]
     assert set(pck["averaging"]) == {"per_image", "per_keypoint"}
     assert by[("gwot", "per_keypoint")] == pytest.approx(pooled["gwot"])
     assert by[("gwot", "per_keypoint")] > by[("nn", "per_keypoint")]
@@ -121,6 +122,33 @@ def test_demo_end_to_end_gwot_beats_nearest_neighbours(tmp_path):
         "gwot", "nn", "nn[temperature=0.05]", "nn[temperature=0.1]",
     ]  # fmt: skip
     assert len(pd.read_parquet(run / "pairs")) == 4 * 4
+    assert sorted(p.name for p in (run / "pairs" / "dataset=demo").iterdir()) == [
+        "matcher=gwot", "matcher=nn", "matcher=nn[temperature=0.05]", "matcher=nn[temperature=0.1]",
+    ]  # fmt: skip
+
+    # Another run of settings the first one finished takes its parts (hard links), computing nothing; the
+    # default eps given by --set is the catalog's gwot under another label (the parts hold no label).
+    command = ["--catalog", str(catalog), "run", "--stage", "match", "--matcher", "nn", "--matcher", "gwot"]
+    reused = CliRunner().invoke(cli, [*command, "--set", "gwot.eps=0.02", "--run", "again"], catch_exceptions=False)
+    assert reused.exit_code == 0, reused.output
+    line = "match: reused 2 batch(es) of gwot[eps=0.02], nn finished by run(s) default (linked, not recomputed)"
+    assert line in reused.output and "to compute" not in reused.output
+    again = tmp_path / "outputs" / "again"
+    linked = {p.stat().st_ino for p in again.rglob("part-*.parquet")}
+    originals = [p for label in ("nn", "gwot") for p in run.glob(f"*/dataset=demo/matcher={label}/*/part-*.parquet")]
+    assert linked == {p.stat().st_ino for p in originals} and len(linked) == 4
+    theirs = results.read_results(again).sort_values(["setting", "pair_id"])
+    mine = results.read_results(run).query("matcher in ['nn', 'gwot']").sort_values(["setting", "pair_id"])
+    columns = [name for name in mine.columns if name != "matcher"]
+    assert theirs[columns].reset_index(drop=True).to_json() == mine[columns].reset_index(drop=True).to_json()
+    assert sorted(set(theirs["matcher"])) == ["gwot[eps=0.02]", "nn"]
+    assert "| demo | all | gwot[eps=0.02] | daisy |" in reused.output
+
+    # Within a run, a setting keeps the label it was first filed under: the same --set finds gwot's parts.
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("part-*.parquet")}
+    same = invoke(catalog, "run", "--stage", "match", "--matcher", "gwot", "--set", "gwot.eps=0.02")
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("part-*.parquet")} == before and "damaged" not in same
+    assert "| demo | all | gwot | daisy |" in same
 
 
 def test_tss_end_to_end_and_its_exported_flows_score_as_stored(tmp_path, shared_fixtures):

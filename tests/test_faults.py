@@ -35,7 +35,7 @@ CATALOG = {
     "cluster": {"n_workers": 1, "processes": False},
 }
 STAGES = ("--stage", "download", "--stage", "normalize", "--stage", "features", "--stage", "match")
-RESULT_COLUMNS = ["dataset", "matcher", "pair_id", "n_kps", "n_correct", "pck", "flow_accuracy"]
+RESULT_COLUMNS = ["dataset", "matcher", "setting", "pair_id", "n_kps", "n_correct", "pck", "flow_accuracy"]
 
 
 def invoke(folder: Path, *args: str, ok: bool = True):
@@ -51,7 +51,7 @@ def invoke(folder: Path, *args: str, ok: bool = True):
 def results(folder: Path) -> pd.DataFrame:
     """The run's pair results, comparable across runs (no timings, sorted)."""
     pairs = pd.read_parquet(folder / "outputs" / "default" / "pairs")[RESULT_COLUMNS]
-    pairs = pairs.astype({"dataset": str, "matcher": str})
+    pairs = pairs.astype({"dataset": str, "matcher": str, "setting": str})
     for column in ("n_correct", "pck", "flow_accuracy"):
         pairs[column] = pairs[column].map(lambda values: None if values is None else list(values))
     return pairs.sort_values(["matcher", "pair_id"]).reset_index(drop=True)
@@ -115,7 +115,7 @@ def test_the_baseline_has_two_batches_and_a_clean_status(baseline):
     ],
 )
 def test_a_truncated_ledger_marker_is_reported_set_aside_and_redone(demo, baseline, marker):
-    key = next((demo / "outputs" / "default" / "pairs" / "dataset=demo").iterdir()).name.removeprefix("matcher=")
+    key = next((demo / "outputs" / "default" / "pairs" / "dataset=demo").glob("matcher=*/setting=*")).name[8:]
     path = demo / marker.format(key=key)
     truncate(path)
     status_shows(demo, path)

@@ -4,21 +4,29 @@ science imports no I/O frameworks. Every module is parsed with ``ast``, imports 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from tests.catalogs import write_demo_catalog
 
 REPO = Path(__file__).resolve().parents[1]
 IO_FRAMEWORKS = {"dask", "distributed", "zarr", "pandas", "pyarrow", "click", "fsspec", "yaml"}
 
-# Pure science: tensors in, tensors out. Each stage's thin entry (stage.py) is where I/O is composed, and
-# settings.py turns catalog entries into the solvers' keyword arguments.
+# Pure science: tensors in, tensors out. Each stage's thin entry (stage.py, and the match stage's driver side
+# plan.py) is where I/O is composed, settings.py turns catalog entries into the solvers' keyword arguments, and
+# tss_kit.py finds the TSS kit's files of a run. summary.py averages frames of scores: pandas, and nothing else.
 SCIENCE = sorted(
     p
     for folder in ("stages/match", "stages/evaluate")
     for p in (REPO / folder).glob("*.py")
-    if p.name not in {"stage.py", "settings.py"}
+    if p.name not in {"stage.py", "plan.py", "settings.py", "tss_kit.py"}
 ) + [REPO / "stages/features/canvas.py"]
+ALLOWED_FRAMEWORKS = {"summary.py": {"pandas"}}
 PIPELINE = sorted((REPO / "pipeline").rglob("*.py"))
 
 
@@ -41,7 +49,8 @@ def imported_modules(path: Path) -> set[str]:
 @pytest.mark.parametrize("path", SCIENCE, ids=lambda p: str(p.relative_to(REPO)))
 def test_science_imports_no_io_framework_and_no_pipeline_plumbing(path):
     imports = imported_modules(path)
-    frameworks = {name for name in imports if name.split(".")[0] in IO_FRAMEWORKS}
+    allowed = ALLOWED_FRAMEWORKS.get(path.name, set())
+    frameworks = {name for name in imports if name.split(".")[0] in IO_FRAMEWORKS - allowed}
     plumbing = {name for name in imports if name.split(".")[0] == "pipeline" and not name.startswith("pipeline.errors")}
     assert not frameworks, f"{path.name} imports {frameworks}"
     assert not plumbing, f"{path.name} imports {plumbing}"
@@ -83,3 +92,28 @@ def test_the_checks_see_every_import():
     """The parser finds imports inside functions and ``from a import b`` as ``a.b`` candidates alike."""
     assert "stages.report.stage" in imported_modules(REPO / "stages/commands.py")
     assert {"pipeline.registry", "pipeline.cache"} <= imported_modules(REPO / "stages/download/stage.py")
+
+
+def _modules_after(code: str) -> set[str]:
+    """The top-level packages imported by a fresh interpreter after running ``code`` in the repository."""
+    probe = f"import sys\n{code}\nprint(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
+    return set(done.stdout.split())
+
+
+@pytest.mark.slow
+def test_the_command_line_and_status_import_no_torch(tmp_path):
+    """``pipeline --help`` and ``pipeline status`` of a matched run (every stage's status reads its tables,
+    the match stage's its ledger and parts) import neither torch, pandas nor matplotlib: they answer at once."""
+    catalog = write_demo_catalog(tmp_path, n_pairs=2, matchers={"nn": {"method": "nn"}})
+    matched = CliRunner().invoke(cli, ["--catalog", str(catalog), "-q", "run", "--stage", "download", "--stage",
+                                       "normalize", "--stage", "features", "--stage", "match"])  # fmt: skip
+    assert matched.exit_code == 0, matched.output
+    status = (
+        "from click.testing import CliRunner\nfrom pipeline.cli import cli\n"
+        f"result = CliRunner().invoke(cli, ['--catalog', {str(catalog)!r}, 'status'])\n"
+        "assert result.exit_code == 0 and 'match      done' in result.output, result.output"
+    )
+    for code in ("from pipeline.cli import cli", status):
+        heavy = _modules_after(code) & {"torch", "pandas", "matplotlib", "distributed"}
+        assert not heavy, f"{code.splitlines()[-1]} imports {heavy}"

@@ -104,7 +104,8 @@ def _committed(ledger: Ledger, out_dir: Path, name: str) -> bool:
     for filename, key in zip(TABLES, RECORD_KEYS, strict=True):
         path = out_dir / filename
         try:
-            rows = pq.read_table(path, page_checksum_verification=True).num_rows
+            with pq.ParquetFile(path, page_checksum_verification=True) as file:  # not read_table: no pandas
+                rows = file.read().num_rows
         except FileNotFoundError:
             problem = "the table is missing"
         except (pa.ArrowException, OSError) as error:
@@ -154,5 +155,7 @@ def status(ctx: StageContext, dataset: str) -> StageStatus:
 
 
 def read_tables(out_dir: Path) -> tuple[pa.Table, pa.Table]:
-    """Read a dataset's normalised ``(images, pairs)`` tables."""
-    return pq.read_table(out_dir / TABLES.images), pq.read_table(out_dir / TABLES.pairs)
+    """Read a dataset's normalised ``(images, pairs)`` tables (through ParquetFile: ``pq.read_table`` imports
+    pandas, which ``pipeline status`` has no use for)."""
+    with pq.ParquetFile(out_dir / TABLES.images) as images, pq.ParquetFile(out_dir / TABLES.pairs) as pairs:
+        return images.read(), pairs.read()

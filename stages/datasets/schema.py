@@ -94,6 +94,6 @@ def _table(schema: pa.Schema, rows: Iterable[Mapping[str, Any]], defaults: Mappi
         if field_.name == "threshold_kind":
             bad = {v for v in values if v not in THRESHOLD_KINDS}
             if bad:
-                raise ValueError(f"threshold_kind must be one of {THRESHOLD_KINDS}, got {sorted(map(str, bad))}")
+                raise ValueError(f"threshold_kind must be one of {tuple(THRESHOLD_KINDS)}, got {sorted(map(str, bad))}")
         columns[field_.name] = pa.array(values, type=field_.type)
     return pa.Table.from_pydict(columns, schema=schema)

@@ -13,21 +13,19 @@ Typical use for one pair at alphas ``[A]``::
     correct = correct_keypoints(keypoint_errors(pred_kps, trg_kps), thresholds)    # [A, K]
     counts, n_kps = correct.sum(axis=-1), correct.shape[-1]                         # keep per pair
 
-and over pairs ``aggregate_pck(counts [P, A], n_kps [P])``.
+and over pairs :func:`stages.evaluate.summary.pck_table` (from the pairs table's ``n_correct`` and ``n_kps``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-# Threshold kinds of the PCK protocols (DATASETS.md): alpha times ...
-THRESHOLD_KINDS = (
-    "trg_bbox",  # max(w, h) of the target bounding box (SPair-71k)
-    "trg_image",  # max(H, W) of the target image (PF-PASCAL, TSS, demo)
-    "trg_kps",  # max extent of the target keypoints (PF-WILLOW)
-)
+# Threshold kinds of the PCK protocols (DATASETS.md): kind -> the length alpha multiplies
+THRESHOLD_KINDS = {
+    "trg_bbox": "max(w, h) of the target bbox",  # SPair-71k
+    "trg_image": "max(W, H) of the target image",  # PF-PASCAL, TSS, demo
+    "trg_kps": "the larger extent of the target keypoints",  # PF-WILLOW
+}
 
 
 def reference_length(
@@ -93,46 +91,9 @@ def correct_keypoints(errors: np.ndarray, thresholds: float | np.ndarray) -> np.
 def pck_per_pair(errors: np.ndarray, thresholds: float | np.ndarray) -> np.ndarray:
     """Fraction of a pair's keypoints that are correct: [] for a scalar threshold, [A] for [A].
 
-    A pair without keypoints has no PCK: the result is NaN (``aggregate_pck`` leaves such pairs out).
+    A pair without keypoints has no PCK: the result is NaN (the averages over pairs leave such pairs out).
     """
     correct = correct_keypoints(errors, thresholds)
     if correct.shape[-1] == 0:
         return np.full(correct.shape[:-1], np.nan)
     return correct.mean(axis=-1)
-
-
-@dataclass(frozen=True)
-class PckAverages:
-    """PCK over many pairs, both ways; [A] when the counts had an alpha axis, else scalars."""
-
-    per_image: np.ndarray  # mean over pairs of each pair's fraction correct
-    per_keypoint: np.ndarray  # all correct keypoints / all keypoints
-    n_pairs: int  # pairs that entered the averages (those with at least one keypoint)
-    n_keypoints: int
-
-
-def aggregate_pck(correct_counts: np.ndarray, n_kps: np.ndarray) -> PckAverages:
-    """Per-image and per-keypoint PCK from per-pair counts of correct keypoints [P] or [P, A] and n_kps [P].
-
-    Pairs with zero keypoints are left out of both averages (they have no fraction correct); with no pair
-    left, both averages are NaN.
-    """
-    counts = np.asarray(correct_counts, dtype=np.float64)
-    n_kps = np.asarray(n_kps, dtype=np.int64)
-    if n_kps.ndim != 1 or counts.shape[:1] != n_kps.shape:
-        shapes = f"{list(counts.shape)} and {list(n_kps.shape)}"
-        raise ValueError(f"expected correct_counts [P] or [P, A] and n_kps [P], got {shapes}")
-    per_pair_n = n_kps.reshape((-1,) + (1,) * (counts.ndim - 1))
-    if (counts < 0).any() or (counts > per_pair_n).any():
-        raise ValueError("correct_counts must lie between 0 and the pair's number of keypoints")
-    kept = n_kps > 0
-    counts, n_kps, per_pair_n = counts[kept], n_kps[kept], per_pair_n[kept]
-    if not kept.any():
-        nan = np.full(counts.shape[1:], np.nan)
-        return PckAverages(per_image=nan, per_keypoint=nan.copy(), n_pairs=0, n_keypoints=0)
-    return PckAverages(
-        per_image=(counts / per_pair_n).mean(axis=0),
-        per_keypoint=counts.sum(axis=0) / n_kps.sum(),
-        n_pairs=int(kept.sum()),
-        n_keypoints=int(n_kps.sum()),
-    )

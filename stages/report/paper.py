@@ -43,7 +43,7 @@ AVERAGINGS = {
 }
 PAPER_CSV = "paper-table.csv"
 CATEGORIES_CSV = "paper-spair-categories.csv"
-SETTING = ["matcher", "matcher_label", "backbone", "backbone_key", "random_weights"]
+SETTING = ["setting", "matcher", "backbone", "backbone_key", "random_weights"]
 NUMBER_COLUMNS = [*SETTING, "averaging", "column", "dataset", "value", "ci_low", "ci_high", "n_pairs"]
 
 
@@ -181,7 +181,7 @@ def spair_category_numbers(pairs: pd.DataFrame, keypoints: pd.DataFrame, kinds: 
 
 def _setting_name(rows: pd.DataFrame) -> pd.Series:
     random = rows["random_weights"].map({True: ", RANDOM weights", False: ""})
-    return rows["matcher_label"] + " (" + rows["backbone"] + random + ")"
+    return rows["matcher"] + " (" + rows["backbone"] + random + ")"
 
 
 def _with_best_bold(wide: pd.DataFrame, values: pd.DataFrame) -> pd.DataFrame:

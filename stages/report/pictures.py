@@ -86,7 +86,7 @@ def pair_pictures(
     alpha = tables.REPORT_ALPHA
     points = keypoints.sort_values("kp_index")
     src, trg = images[pair["src_image_id"]], images[pair["trg_image_id"]]
-    label, pair_id, pck = pair["matcher_label"], pair["pair_id"], percent(pair["pck"])
+    label, pair_id, pck = pair["matcher"], pair["pair_id"], percent(pair["pck"])
     draw_correspondences(
         src,
         trg,
@@ -103,7 +103,7 @@ def pair_pictures(
     )
     drawn = [Picture(f"{stem}.png", caption)]
     if isinstance(pair["direction"], str) and isinstance(pair["group"], str):
-        flows = results.flows_dir(run_folder, pair["dataset"], pair["matcher"]) / pair["group"]
+        flows = results.flows_dir(run_folder, pair["dataset"], pair["matcher"], pair["setting"]) / pair["group"]
         flo = flows / f"flow{pair['direction'][0]}.flo"  # TSS: flow1 starts from image1 (direction 1to2)
         if flo.is_file():
             draw_warp(src, trg, read_flo(flo), title=label, path=folder / f"{stem}-warp.png")
@@ -118,7 +118,7 @@ def subset_pictures(
     smaller, larger) drawn under every setting of the run, side by side."""
     blocks: list[Block] = []
     at_alpha = at_alpha.assign(subset=tables.pair_subsets(at_alpha))
-    points = dict(tuple(keypoints.groupby(["dataset", "matcher", "pair_id"], observed=True)))
+    points = dict(tuple(keypoints.groupby(["dataset", "setting", "pair_id"], observed=True)))
     for (dataset, backbone_key), rows in at_alpha.groupby(["dataset", "backbone_key"], sort=True):
         if set(rows["subset"]) == {"normal"}:
             continue
@@ -132,9 +132,9 @@ def subset_pictures(
         for subset in [name for name in tables.SUBSETS if name in set(rows["subset"])]:
             pair_id = min(rows.loc[rows["subset"] == subset, "pair_id"])
             blocks.append(Text(f"{dataset} ({backbone_key}), {subset} pair {pair_id} under every setting"))
-            for pair in rows[rows["pair_id"] == pair_id].sort_values("matcher_label").to_dict("records"):
-                stem = f"subset-{slug(dataset)}-{slug(backbone_key)}-{subset}-{slug(pair['matcher_label'])}"
-                key = (dataset, pair["matcher"], pair_id)
+            for pair in rows[rows["pair_id"] == pair_id].sort_values("matcher").to_dict("records"):
+                stem = f"subset-{slug(dataset)}-{slug(backbone_key)}-{subset}-{slug(pair['matcher'])}"
+                key = (dataset, pair["setting"], pair_id)
                 blocks += pair_pictures(folder, run_folder, images, pair, points[key], stem)
     return blocks
 
@@ -151,8 +151,8 @@ def match_pictures(
     ``folder``; ``at_alpha`` is :func:`tables.pck_at` at ``REPORT_ALPHA``, ``references`` as
     :func:`tables.reference_settings` returns. A dataset whose images are absent gets a note instead."""
     blocks: list[Block] = []
-    rows = {(row["dataset"], row["matcher"], row["pair_id"]): row for row in at_alpha.to_dict("records")}
-    points = dict(tuple(keypoints.groupby(["dataset", "matcher", "pair_id"], observed=True)))
+    rows = {(row["dataset"], row["setting"], row["pair_id"]): row for row in at_alpha.to_dict("records")}
+    points = dict(tuple(keypoints.groupby(["dataset", "setting", "pair_id"], observed=True)))
     for dataset, backbone_key in sorted({(dataset, backbone_key) for dataset, backbone_key, _ in references}):
         shown = [references[key] for m in tables.REFERENCE_METHODS if (key := (dataset, backbone_key, m)) in references]
         if not shown:
@@ -165,11 +165,11 @@ def match_pictures(
         ranked = tables.ranked_pairs(at_alpha[at_alpha["dataset"] == dataset], shown[0])
         for number, (ranks, chosen) in enumerate(tables.best_median_worst(ranked)):
             pair_id = chosen["pair_id"]
-            blocks.append(Text(f"{dataset} ({backbone_key}), {ranks} by {chosen['matcher_label']}: {pair_id}"))
+            blocks.append(Text(f"{dataset} ({backbone_key}), {ranks} by {chosen['matcher']}: {pair_id}"))
             for matcher in shown:
                 pair = rows.get((dataset, matcher, pair_id))
                 if pair is None:  # this setting did not score the pair
                     continue
-                stem = f"pair-{slug(dataset)}-{slug(backbone_key)}-{number}-{slug(pair['matcher_label'])}"
+                stem = f"pair-{slug(dataset)}-{slug(backbone_key)}-{number}-{slug(pair['matcher'])}"
                 blocks += pair_pictures(folder, run_folder, images, pair, points[(dataset, matcher, pair_id)], stem)
     return blocks

@@ -46,11 +46,11 @@ def _line_style(method: str) -> str:
 
 
 def plot_pck_curves(curves: pd.DataFrame, *, title: str, marker_alpha: float, path: str | Path) -> Path:
-    """PCK (percent) against alpha, one line per setting (``matcher_label``; dashed unless GWOT), from
-    rows ``matcher``, ``matcher_label``, ``method``, ``alpha``, ``pck`` of one dataset; a dotted vertical
+    """PCK (percent) against alpha, one line per setting (``matcher``; dashed unless GWOT), from
+    rows ``setting``, ``matcher``, ``method``, ``alpha``, ``pck`` of one dataset; a dotted vertical
     line marks ``marker_alpha``. Writes the PNG at ``path`` and returns it."""
     figure, axes = _figure(title)
-    for (_, label, method), rows in curves.groupby(["matcher", "matcher_label", "method"], sort=True):
+    for (_, label, method), rows in curves.groupby(["setting", "matcher", "method"], sort=True):
         axes.plot(rows["alpha"], 100 * rows["pck"], _line_style(method), label=label, linewidth=1.5)
     axes.axvline(marker_alpha, color="grey", linestyle=":", linewidth=1)
     axes.set_xlabel("alpha (correct: error <= alpha x reference length)")
@@ -85,14 +85,14 @@ def plot_grouped_bars(
     table: pd.DataFrame, *, group: str, value: str, title: str, ylabel: str, path: str | Path
 ) -> Path:
     """Bars of ``value`` (a fraction, plotted in percent) for each ``group`` value on the x axis, one bar
-    per setting (``matcher_label``) side by side. Writes the PNG at ``path`` and returns it."""
+    per setting (``matcher``) side by side. Writes the PNG at ``path`` and returns it."""
     figure, axes = _figure(title)
     groups = sorted(table[group].unique(), key=str)
-    labels = sorted(table["matcher_label"].unique())
+    labels = sorted(table["matcher"].unique())
     width = 0.8 / len(labels)
     positions = np.arange(len(groups))
     for index, label in enumerate(labels):
-        rows = table[table["matcher_label"] == label].set_index(group)[value]
+        rows = table[table["matcher"] == label].set_index(group)[value]
         heights = [100 * rows.get(name, np.nan) for name in groups]
         axes.bar(positions + (index - (len(labels) - 1) / 2) * width, heights, width, label=label)
     rotated = len(groups) > 6  # long category lists (SPair's 18) stay readable at an angle

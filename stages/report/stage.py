@@ -19,17 +19,20 @@ import pandas as pd
 from pipeline import results
 from pipeline.cache import atomic_path
 from pipeline.catalog import Catalog
-from pipeline.context import StageContext, StageStatus
+from pipeline.context import StageContext
 from pipeline.errors import StageError
+from stages.evaluate.pck import THRESHOLD_KINDS
+from stages.evaluate.summary import pck_long
 from stages.matcher_params import parse_params
 from stages.report import plots, tables
 from stages.report.html import Alert, Block, Picture, Section, Table, Text, write_documents
 from stages.report.paper import paper_section
 from stages.report.pictures import match_pictures, percent, slug, subset_pictures
+from stages.report.status import is_up_to_date, report_dir
+from stages.report.status import status as status  # the stage's status (registered from there: no pandas)
 
 log = logging.getLogger(__name__)
 
-REPORT_DIR = "report"
 SHORT = {"per_image": "img", "per_keypoint": "kp", "all_directions": "all", "without_flip": "w/o flip"}
 ALPHA = tables.REPORT_ALPHA
 
@@ -42,11 +45,6 @@ class Report:
     markdown: Path
     tables: dict[str, pd.DataFrame]
     pictures: tuple[Path, ...]
-
-
-def report_dir(run_folder: str | Path) -> Path:
-    """The folder of a run's report."""
-    return Path(run_folder) / REPORT_DIR
 
 
 def _backbone(frame: pd.DataFrame) -> pd.Series:
@@ -72,9 +70,7 @@ def _pck_columns(table: pd.DataFrame, index: Sequence[str], difference: bool = F
 def _by_setting(table: pd.DataFrame, index: Sequence[str]) -> pd.DataFrame:
     """One row per ``index`` group, one column per setting label holding ``img / kp`` PCK in %."""
     cells = [f"{percent(i)} / {percent(k)}" for i, k in zip(table["per_image"], table["per_keypoint"], strict=True)]
-    wide = table.assign(cell=cells).pivot_table(
-        index=list(index), columns="matcher_label", values="cell", aggfunc="first"
-    )
+    wide = table.assign(cell=cells).pivot_table(index=list(index), columns="matcher", values="cell", aggfunc="first")
     return wide.fillna("-").reset_index().rename_axis(columns=None).rename(columns={"n_pairs": "pairs"})
 
 
@@ -101,7 +97,7 @@ def _run_section(run_name: str, run_folder: Path, pairs: pd.DataFrame) -> Sectio
 
 def _headline_section(pairs: pd.DataFrame, headline: pd.DataFrame, difference: pd.DataFrame) -> Section:
     kinds = "; ".join(
-        f"{kind} = {results.REFERENCE_LENGTHS.get(kind, kind)}" for kind in sorted(pairs["threshold_kind"].unique())
+        f"{kind} = {THRESHOLD_KINDS.get(kind, kind)}" for kind in sorted(pairs["threshold_kind"].unique())
     )
     protocol = Text(
         f"Protocol. A keypoint is correct at alpha when its error <= alpha x the reference length ({kinds}), "
@@ -111,10 +107,9 @@ def _headline_section(pairs: pd.DataFrame, headline: pd.DataFrame, difference: p
     )
     if headline.empty:
         return Section("Headline: PCK per image and per keypoint", (Text("No pair of the run has keypoints."),))
-    index = ["dataset", "matcher_label", "backbone", "threshold_kind", "n_pairs", "n_keypoints"]
+    index = ["dataset", "matcher", "backbone", "threshold_kind", "n_pairs", "n_keypoints"]
     table = _pck_columns(headline.assign(backbone=_backbone(headline)), index)
     names = {
-        "matcher_label": "matcher",
         "threshold_kind": "threshold",
         "n_pairs": "pairs",
         "n_keypoints": "keypoints",
@@ -136,12 +131,12 @@ def _flow_section(flow: pd.DataFrame) -> Section:
         "image's larger side, in original pixels, averaged over directions (w/o flip: only pairs with "
         "flip_gt = 0). T5 is the kit's headline number. Values in %."
     )
-    index = ["dataset", "subset", "matcher_label", "backbone", "averaging", "n_pairs"]
+    index = ["dataset", "subset", "matcher", "backbone", "averaging", "n_pairs"]
     columns = [f"T{t}" for t in tables.FLOW_THRESHOLDS]
     shown = flow.assign(backbone=_backbone(flow), averaging=flow["averaging"].map(SHORT))
     table = shown[[*index, *columns]].sort_values(index[:5], ignore_index=True)
     table[columns] = table[columns].map(percent)
-    table = table.rename(columns={"matcher_label": "matcher", "n_pairs": "directions"})
+    table = table.rename(columns={"n_pairs": "directions"})
     return Section("Dense flow accuracy (TSS kit protocol)", (text, Table(table, "Flow accuracy per subset")))
 
 
@@ -161,9 +156,9 @@ def _error_pictures(folder: Path, at_alpha: pd.DataFrame, references: dict[tuple
         several = rows["backbone_key"].nunique() > 1
         errors = {}
         for (d, backbone_key, _), key in sorted(references.items()):
-            setting = rows[rows["matcher"] == key]
+            setting = rows[rows["setting"] == key]
             if d == dataset and not setting.empty:
-                name = setting["matcher_label"].iloc[0] + (f" ({backbone_key})" if several else "")
+                name = setting["matcher"].iloc[0] + (f" ({backbone_key})" if several else "")
                 errors[name] = 1 - setting["pck"].to_numpy()
         file = f"pair-error-{slug(dataset)}.png"
         title = f"{dataset}: per-pair error, {' against '.join(errors)}"
@@ -181,12 +176,12 @@ def _scatter_pictures(folder: Path, at_alpha: pd.DataFrame, references: dict[tup
         if method != "nn" or gwot_key is None:
             continue
         rows = at_alpha[at_alpha["dataset"] == dataset]
-        both = rows[rows["matcher"] == nn_key].merge(
-            rows[rows["matcher"] == gwot_key], on="pair_id", suffixes=("_nn", "_gwot"), validate="1:1"
+        both = rows[rows["setting"] == nn_key].merge(
+            rows[rows["setting"] == gwot_key], on="pair_id", suffixes=("_nn", "_gwot"), validate="1:1"
         )
         if both.empty:
             continue
-        nn_label, gwot_label = both["matcher_label_nn"].iloc[0], both["matcher_label_gwot"].iloc[0]
+        nn_label, gwot_label = both["matcher_nn"].iloc[0], both["matcher_gwot"].iloc[0]
         file = f"scatter-{slug(dataset)}-{slug(backbone_key)}.png"
         title = f"{dataset}: PCK@{ALPHA:g} of each pair, {nn_label} against {gwot_label}"
         plots.plot_pair_scatter(
@@ -242,9 +237,8 @@ def _subset_blocks(folder: Path, subsets: pd.DataFrame) -> list[Block]:
         ]
         decided = rows[rows["mirrored_kept"].notna()]
         if not decided.empty:
-            shown = decided[["subset", "matcher_label", "n_pairs", "mirrored_kept", "median_scale"]].rename(
+            shown = decided[["subset", "matcher", "n_pairs", "mirrored_kept", "median_scale"]].rename(
                 columns={
-                    "matcher_label": "setting",
                     "n_pairs": "pairs",
                     "mirrored_kept": "mirrored kept (%)",
                     "median_scale": "median scale estimate",
@@ -278,9 +272,7 @@ def _sweep_blocks(folder: Path, sweeps: pd.DataFrame) -> list[Block]:
         return blocks
     for (dataset, backbone_key, method), sweep in sweeps.groupby(["dataset", "backbone_key", "method"], sort=True):
         swept = tables.swept_parameters(sweep)
-        shown = sweep[["matcher_label", *swept, "n_pairs"]].rename(
-            columns={"matcher_label": "setting", "n_pairs": "pairs"}
-        )
+        shown = sweep[["matcher", *swept, "n_pairs"]].rename(columns={"n_pairs": "pairs"})
         for averaging in ("per_image", "per_keypoint"):
             shown[f"PCK@{ALPHA:g} {SHORT[averaging]}"] = sweep[averaging].map(percent)
         blocks.append(Table(shown, f"{dataset}: settings of {method} on {backbone_key}, PCK@{ALPHA:g} (%)"))
@@ -307,7 +299,7 @@ def _sweep_heatmap(
 
 
 def _settings_section(pairs: pd.DataFrame) -> Section:
-    keys = ["dataset", "matcher", "matcher_label", "method", "backbone", "backbone_key", "random_weights"]
+    keys = ["dataset", "matcher", "setting", "method", "backbone", "backbone_key", "random_weights"]
     table = (
         pairs.groupby([*keys, "params_json"], sort=True, observed=True)
         .agg(pairs=("pair_id", "size"), seconds=("solve_seconds", "mean"))
@@ -315,8 +307,6 @@ def _settings_section(pairs: pd.DataFrame) -> Section:
     )
     table["seconds"] = table["seconds"].map(lambda seconds: f"{seconds:.3g}")
     names = {
-        "matcher": "key",
-        "matcher_label": "setting",
         "params_json": "parameters",
         "seconds": "solve s/pair",
     }
@@ -335,7 +325,7 @@ def report_numbers(run: tables.RunResults, defaults: Mapping[str, str] | None = 
     larger, with the flip/scale decisions), ``by_<difficulty column>``, ``flow``, ``curves`` and ``sweeps``
     (the sweep tables, concatenated). ``defaults``: see :func:`catalog_defaults`."""
     references = tables.reference_settings(run.pairs, defaults)
-    headline = tables.pck_table(results.pck_long(tables.scored_pairs(run.pairs)))
+    headline = tables.pck_table(pck_long(tables.scored_pairs(run.pairs)))
     at_alpha = tables.pck_at(run.pairs, run.keypoints, ALPHA)
     sweeps = tables.sweep_tables(tables.pck_table(at_alpha))
     return {
@@ -409,14 +399,6 @@ def build_report(catalog: Catalog, run_name: str) -> Report:
     return Report(final / "index.html", final / "report.md", numbers, tuple(final / name for name in files))
 
 
-def is_up_to_date(run_folder: Path) -> bool:
-    """Whether the run's report exists and is newer than its config.json and every result part."""
-    index = report_dir(run_folder) / "index.html"
-    inputs = [run_folder / "config.json", *run_folder.glob("*/dataset=*/matcher=*/part-*.parquet")]
-    existing = [path.stat().st_mtime_ns for path in inputs if path.is_file()]
-    return index.is_file() and bool(existing) and index.stat().st_mtime_ns >= max(existing)
-
-
 def run(ctx: StageContext) -> Path:
     """Build the report of run ``ctx.options.run_name`` (all its datasets) unless it is up to date (or with
     ``--force``); returns its ``index.html``."""
@@ -427,14 +409,3 @@ def run(ctx: StageContext) -> Path:
     report = build_report(ctx.catalog, ctx.options.run_name)
     log.info("report of run %r: %s", ctx.options.run_name, report.index)
     return report.index
-
-
-def status(ctx: StageContext, dataset: str) -> StageStatus:
-    """Done when the run's report exists and is newer than every result part of ``dataset``."""
-    run_folder = results.run_dir(ctx.catalog.stores.outputs, ctx.options.run_name)
-    parts = list((run_folder / "pairs" / f"dataset={dataset}").glob("matcher=*/part-*.parquet"))
-    if not parts:
-        return StageStatus(0, None, f"run {ctx.options.run_name}: no results of {dataset} yet")
-    index = report_dir(run_folder) / "index.html"
-    fresh = index.is_file() and index.stat().st_mtime_ns >= max(part.stat().st_mtime_ns for part in parts)
-    return StageStatus(int(fresh), 1, str(index) if fresh else f"{index}: missing or older than the results")

@@ -40,8 +40,8 @@ def line_of(lines: list[str], start: str) -> str:
 
 def test_list_shows_every_section_with_settings_defaults_and_runs(tmp_path):
     run = tmp_path / "outputs" / "sweep"
-    for dataset, key in (("demo", "nn-1a2b"), ("demo", "gwot-3c4d"), ("willow", "nn-1a2b")):
-        part = results.part_path(run, "pairs", dataset, key, 0)
+    for dataset, label, key in (("demo", "nn", "1a2b"), ("demo", "gwot", "3c4d"), ("willow", "nn", "1a2b")):
+        part = results.part_path(run, "pairs", dataset, label, key, 0)
         part.parent.mkdir(parents=True)
         part.write_bytes(b"")
     (run / "config.json").write_text("{}")
@@ -77,3 +77,11 @@ def test_list_shows_only_the_sections_asked_for(tmp_path):
     lines = list_output(tmp_path, "backbones", "runs")
     assert lines[0] == "backbones (2; * default):" and lines[-1] == f"runs in {tmp_path / 'outputs'} (0):"
     assert not any(line.startswith(("datasets", "matchers")) for line in lines)
+
+
+def test_a_run_of_the_older_layout_is_listed_as_such(tmp_path):
+    old = tmp_path / "outputs" / "old" / "pairs" / "dataset=demo" / "matcher=0123456789ab" / "part-00000.parquet"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"")
+    (tmp_path / "outputs" / "old" / "config.json").write_text("{}")
+    assert "results of an older layout: re-run its match stage into a new run" in line_of(list_output(tmp_path), "old")

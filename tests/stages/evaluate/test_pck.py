@@ -1,4 +1,4 @@
-"""PCK: each benchmark's threshold, the <= comparison, and per-image vs per-keypoint averages."""
+"""PCK: each benchmark's threshold and the <= comparison (the averages over pairs: test_summary.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from stages.evaluate.pck import (
-    aggregate_pck,
     correct_keypoints,
     keypoint_errors,
     pck_per_pair,
@@ -63,29 +62,3 @@ def test_several_alphas_at_once() -> None:
 
 def test_pair_without_keypoints_has_no_pck() -> None:
     assert np.isnan(pck_per_pair(np.zeros(0), 5.0))
-
-
-def test_per_image_and_per_keypoint_averages_differ() -> None:
-    # pair A: 1 of 1 correct; pair B: 1 of 4 correct; pair C: no keypoints (left out of both)
-    averages = aggregate_pck(np.array([1, 1, 0]), np.array([1, 4, 0]))
-    assert averages.per_image == pytest.approx((1.0 + 0.25) / 2)
-    assert averages.per_keypoint == pytest.approx(2 / 5)
-    assert (averages.n_pairs, averages.n_keypoints) == (2, 5)
-
-
-def test_aggregate_keeps_the_alpha_axis() -> None:
-    counts = np.array([[0, 1], [2, 4]])  # [P=2, A=2]
-    averages = aggregate_pck(counts, np.array([1, 4]))
-    np.testing.assert_allclose(averages.per_image, [(0 + 0.5) / 2, (1 + 1) / 2])
-    np.testing.assert_allclose(averages.per_keypoint, [2 / 5, 5 / 5])
-
-
-def test_aggregate_with_no_keypoints_at_all_is_nan() -> None:
-    averages = aggregate_pck(np.array([0]), np.array([0]))
-    assert np.isnan(averages.per_image) and np.isnan(averages.per_keypoint)
-    assert averages.n_pairs == 0
-
-
-def test_aggregate_rejects_counts_above_the_keypoints() -> None:
-    with pytest.raises(ValueError, match="between 0 and the pair's number of keypoints"):
-        aggregate_pck(np.array([3]), np.array([2]))

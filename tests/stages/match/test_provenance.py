@@ -48,8 +48,8 @@ def test_config_and_every_part_record_their_provenance(matched):
     recorded = config["provenance"]
     assert recorded["version"] == pipeline.__version__ and recorded["git_commit"] == git_commit()
     assert recorded["libraries"]["torch"] == metadata.version("torch") and recorded["device"] == "cpu"
-    parts = sorted(run.glob("*/dataset=demo/matcher=*/part-*.parquet"))
-    assert {part.parts[-4] for part in parts} == {"pairs", "keypoints"}
+    parts = sorted(run.glob("*/dataset=demo/matcher=nn/setting=*/part-*.parquet"))
+    assert {part.parts[-5] for part in parts} == {"pairs", "keypoints"}
     for part in parts:
         stored = results.read_provenance(part)
         assert stored["git_commit"] == git_commit() and stored["libraries"] == recorded["libraries"]

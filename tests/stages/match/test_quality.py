@@ -9,7 +9,8 @@ from skimage import color, data, transform
 from skimage.feature import daisy
 
 from stages.features.canvas import CanvasTransform, image_to_canvas
-from stages.match import gwot, nn_match, transfer_keypoints
+from stages.match import nn_match, transfer_keypoints
+from stages.match.gwot import gwot
 
 PATCH, GRID, DAISY_RADIUS = 13, 22, 18  # odd patch: centres on whole canvas pixels, where DAISY samples
 

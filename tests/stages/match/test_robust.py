@@ -13,7 +13,8 @@ from pipeline.errors import PipelineError
 from stages.datasets.demo import PHOTOS, draw_pair, load_photo, render_target
 from stages.features.backbones import create_backbone
 from stages.features.canvas import CanvasTransform, image_to_canvas
-from stages.match import gwot, transfer_keypoints
+from stages.match import transfer_keypoints
+from stages.match.gwot import gwot
 from stages.match.robust import estimate_scale, mirror_grid, neighbourhoods, robust_gwot, unmirror_plan
 
 FAST = {"outer_iters": 5, "inner_iters": 30}

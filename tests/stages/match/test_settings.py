@@ -13,7 +13,8 @@ import pytest
 
 from pipeline.catalog import REPO_CATALOG, load_catalog
 from pipeline.errors import CatalogError, PipelineError
-from stages.match import gwot, settings
+from stages.match import settings
+from stages.match.gwot import gwot
 from stages.match.robust import robust_gwot
 from stages.match.settings import GWOTParams, NNParams, parse_params, resolve_settings
 from stages.matcher_params import domain_problem

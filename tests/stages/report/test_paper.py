@@ -24,10 +24,10 @@ THRESHOLDS = {"spair": "trg_bbox", "pfp": "trg_image", "willow": "trg_kps"}
 
 
 def pair_row(pair_id: str, category: str, setting: str, **columns) -> dict:
-    label, method = SETTINGS[setting]
+    _, method = SETTINGS[setting]
     row = {
         "pair_id": pair_id, "split": "test", "category": category, "src_image_id": "a", "trg_image_id": "b",
-        "matcher_name": method, "matcher_label": label, "method": method, "params_json": "{}",
+        "matcher_name": method.split("[")[0], "method": method, "params_json": "{}",
         "backbone": "daisy", "backbone_key": "daisy-112-0", "random_weights": False, "batch": 0,
         "threshold_kind": "trg_image", "alphas": [], "n_correct": [], "pck": [], "flip": False,
         "solve_seconds": 0.1, "n_kps": 0,
@@ -54,9 +54,15 @@ def run_folder(tmp_path_factory) -> Path:
                      "threshold_kind": kind}
                     for k, e in enumerate(errors)
                 ]  # fmt: skip
-            results.write_part(results.part_path(folder, "pairs", dataset, setting, 0), pairs, results.PAIRS_SCHEMA)
             results.write_part(
-                results.part_path(folder, "keypoints", dataset, setting, 0), keypoints, results.KEYPOINTS_SCHEMA
+                results.part_path(folder, "pairs", dataset, SETTINGS[setting][0], setting, 0),
+                pairs,
+                results.PAIRS_SCHEMA,
+            )
+            results.write_part(
+                results.part_path(folder, "keypoints", dataset, SETTINGS[setting][0], setting, 0),
+                keypoints,
+                results.KEYPOINTS_SCHEMA,
             )
         flows = [
             pair_row(f"{subset}/{index}/{direction}", subset, setting, group=f"{subset}/{index}", direction=direction,
@@ -65,13 +71,15 @@ def run_folder(tmp_path_factory) -> Path:
             for index in range(4 + 2 * ("FG3DCar", "JODS", "PASCAL").index(subset))
             for direction in ("1to2", "2to1")
         ]  # fmt: skip
-        results.write_part(results.part_path(folder, "pairs", "tss", setting, 0), flows, results.PAIRS_SCHEMA)
+        results.write_part(
+            results.part_path(folder, "pairs", "tss", SETTINGS[setting][0], setting, 0), flows, results.PAIRS_SCHEMA
+        )
     return folder
 
 
 def test_every_number_equals_a_pandas_computation_from_the_parquet_files(run_folder):
     run = load_run(run_folder)
-    numbers = paper.paper_numbers(run.pairs, run.keypoints, KINDS).set_index(["averaging", "matcher", "column"])
+    numbers = paper.paper_numbers(run.pairs, run.keypoints, KINDS).set_index(["averaging", "setting", "column"])
     keypoints = pd.read_parquet(run_folder / "keypoints")
     pairs = pd.read_parquet(run_folder / "pairs")
     headers = {
@@ -83,7 +91,7 @@ def test_every_number_equals_a_pandas_computation_from_the_parquet_files(run_fol
     }
     for (dataset, alpha), header in headers.items():
         rows = keypoints[keypoints["dataset"] == dataset]
-        correct = (rows["error"] <= alpha * rows["ref_length"]).groupby([rows["matcher"], rows["pair_id"]])
+        correct = (rows["error"] <= alpha * rows["ref_length"]).groupby([rows["setting"], rows["pair_id"]])
         per_pair = correct.mean()
         for matcher in SETTINGS:
             per_image = per_pair[matcher].mean()
@@ -92,7 +100,7 @@ def test_every_number_equals_a_pandas_computation_from_the_parquet_files(run_fol
             assert numbers.loc[("per_keypoint", matcher, header), "value"] == pytest.approx(per_keypoint, abs=1e-12)
             assert numbers.loc[("per_image", matcher, header), "n_pairs"] == 30
     flows = pairs[pairs["dataset"] == "tss"].assign(t5=lambda frame: frame["flow_accuracy"].map(lambda a: a[4]))
-    subsets = flows.groupby(["matcher", "category"])["t5"].mean().unstack()
+    subsets = flows.groupby(["setting", "category"])["t5"].mean().unstack()
     for matcher in SETTINGS:
         for subset in ("FG3DCar", "JODS", "PASCAL"):
             value = numbers.loc[("per_image", matcher, f"TSS {subset} T5"), "value"]
@@ -134,7 +142,7 @@ def test_tables_show_the_best_in_bold_and_the_csv_holds_the_numbers(run_folder, 
     assert list(table.index) == ["gwot[eps=0.05] (daisy)", "nn (daisy)"]
     for column in table.columns:
         values = numbers[(numbers["column"] == column) & (numbers["averaging"] == "per_image")]
-        best = values.loc[values["value"].idxmax(), "matcher"]
+        best = values.loc[values["value"].idxmax(), "setting"]
         best_label = {"aaaaaaaaaaaa": "nn (daisy)", "bbbbbbbbbbbb": "gwot[eps=0.05] (daisy)"}[best]
         assert isinstance(table.loc[best_label, column], Strong)
         value = values["value"].max()
@@ -149,10 +157,10 @@ def test_tables_show_the_best_in_bold_and_the_csv_holds_the_numbers(run_folder, 
     categories = pd.read_csv(tmp_path / "paper-spair-categories.csv")
     spair = paper.category_table(found["paper_spair_categories"], "spair", "per_keypoint")
     assert list(spair.columns) == ["setting", "bus", "cat", "dog", "mean"]
-    cats = categories[(categories["averaging"] == "per_keypoint") & (categories["matcher"] == "aaaaaaaaaaaa")]
+    cats = categories[(categories["averaging"] == "per_keypoint") & (categories["setting"] == "aaaaaaaaaaaa")]
     keypoints = pd.read_parquet(run_folder / "keypoints")
-    rows = keypoints[(keypoints["dataset"] == "spair") & (keypoints["matcher"] == "aaaaaaaaaaaa")]
-    pairs = pd.read_parquet(run_folder / "pairs").query("dataset == 'spair' and matcher == 'aaaaaaaaaaaa'")
+    rows = keypoints[(keypoints["dataset"] == "spair") & (keypoints["setting"] == "aaaaaaaaaaaa")]
+    pairs = pd.read_parquet(run_folder / "pairs").query("dataset == 'spair' and setting == 'aaaaaaaaaaaa'")
     rows = rows.merge(pairs[["pair_id", "category"]], on="pair_id")
     expected = (rows["error"] <= 0.1 * rows["ref_length"]).groupby(rows["category"]).mean()
     np.testing.assert_allclose(cats.set_index("category")["value"].sort_index(), expected.sort_index())
@@ -166,17 +174,17 @@ def test_a_demo_report_holds_the_paper_table_and_its_csv(tmp_path):
     markdown = (report / "report.md").read_text()
     assert "## Paper tables" in markdown and "| setting | demo PCK@0.1 (img) |" in markdown
     csv = pd.read_csv(report / "paper-table.csv")
-    assert set(csv["matcher_label"]) == {"nn", "gwot"} and set(csv["column"]) == {"demo PCK@0.1 (img)"}
+    assert set(csv["matcher"]) == {"nn", "gwot"} and set(csv["column"]) == {"demo PCK@0.1 (img)"}
     pairs = pd.read_parquet(tmp_path / "outputs" / "default" / "pairs")
     alpha = json.loads((tmp_path / "outputs" / "default" / "config.json").read_text())["alphas"].index(0.1)
-    expected = pairs.assign(p=pairs["pck"].map(lambda p: p[alpha])).groupby("matcher_label")["p"].mean()
-    per_image = csv[csv["averaging"] == "per_image"].set_index("matcher_label")["value"]
+    expected = pairs.assign(p=pairs["pck"].map(lambda p: p[alpha])).groupby("matcher")["p"].mean()
+    per_image = csv[csv["averaging"] == "per_image"].set_index("matcher")["value"]
     np.testing.assert_allclose(per_image.sort_index(), expected.sort_index())
 
 
 def test_one_table_when_both_averagings_agree(run_folder, tmp_path):
     run = load_run(run_folder)
-    equal = run.keypoints.groupby(["dataset", "matcher", "pair_id"]).head(1)  # one keypoint per pair
+    equal = run.keypoints.groupby(["dataset", "setting", "pair_id"]).head(1)  # one keypoint per pair
     pairs = run.pairs.assign(n_kps=run.pairs["n_kps"].clip(upper=1))
     section, _ = paper.paper_section(tmp_path, pairs, equal, KINDS)
     captions = [block.caption for block in section.blocks if hasattr(block, "caption")]

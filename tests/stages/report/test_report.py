@@ -109,12 +109,12 @@ def test_headline_and_gwot_minus_nn_equal_a_groupby_of_the_pairs_parquet(run):
     pairs = pd.read_parquet(folder / "pairs")
     markdown = (folder / "report" / "report.md").read_text()
     table = markdown_table(markdown, "PCK of every dataset and matcher setting").set_index(["dataset", "matcher"])
-    numbers = report_numbers(load_run(folder))["headline"].set_index(["dataset", "matcher_label", "alpha"])
+    numbers = report_numbers(load_run(folder))["headline"].set_index(["dataset", "matcher", "alpha"])
     assert len(table) == 5 and "RANDOM" not in markdown
     assert "error <= alpha x the reference length (trg_image = max(W, H) of the target image)" in markdown
     expected = {}
     for alpha in (0.01, 0.05, 0.1, 0.15):
-        expected[alpha] = averages(pair_pck(pairs, alpha), ["dataset", "matcher_label"])
+        expected[alpha] = averages(pair_pck(pairs, alpha), ["dataset", "matcher"])
         for (dataset, label), row in expected[alpha].iterrows():
             for averaging, short in (("per_image", "img"), ("per_keypoint", "kp")):
                 assert numbers.loc[(dataset, label, alpha), averaging] == pytest.approx(row[averaging], abs=1e-12)
@@ -140,15 +140,15 @@ def test_category_and_sweep_tables_equal_a_groupby_at_alpha_01(run):
     markdown = (folder / "report" / "report.md").read_text()
     # PCK@0.1 per pair, counted from the keypoints table this time (the report's route is the same rule).
     keypoints["correct"] = keypoints["error"] <= 0.1 * keypoints["ref_length"]
-    counts = keypoints.groupby(["dataset", "matcher", "pair_id"], observed=True)["correct"].sum()
-    scored = pairs[pairs["n_kps"] > 0].set_index(["dataset", "matcher", "pair_id"])
+    counts = keypoints.groupby(["dataset", "setting", "pair_id"], observed=True)["correct"].sum()
+    scored = pairs[pairs["n_kps"] > 0].set_index(["dataset", "setting", "pair_id"])
     scored = scored.assign(correct=counts.reindex(scored.index).to_numpy()).reset_index()
     scored["fraction"] = scored["correct"] / scored["n_kps"]
-    by_category = averages(scored, ["dataset", "category", "matcher_label"])
+    by_category = averages(scored, ["dataset", "category", "matcher"])
     assert set(by_category.index.get_level_values("category")) == {
         "astronaut", "chelsea", "coffee", "rocket", "JODS", "PASCAL",
     }  # fmt: skip
-    numbers = report_numbers(load_run(folder))["categories"].set_index(["dataset", "category", "matcher_label"])
+    numbers = report_numbers(load_run(folder))["categories"].set_index(["dataset", "category", "matcher"])
     for dataset in ("demo", "tss"):
         table = markdown_table(markdown, f"{dataset}: PCK@0.1 per category, img / kp (%)").set_index("category")
         for (category, label), row in by_category.loc[dataset].iterrows():
@@ -159,12 +159,12 @@ def test_category_and_sweep_tables_equal_a_groupby_at_alpha_01(run):
 
     backbone_key = pairs["backbone_key"].iloc[0]
     sweep = markdown_table(markdown, f"demo: settings of gwot on {backbone_key}, PCK@0.1 (%)")
-    assert list(sweep.columns) == ["setting", "eps", "pairs", "PCK@0.1 img", "PCK@0.1 kp"]
-    assert list(sweep["setting"]) == list(DEMO_GWOT) and list(sweep["eps"]) == ["0.02", "0.05"]
-    at_01 = averages(pair_pck(pairs, 0.1), ["dataset", "matcher_label"])  # from the pairs table's own PCK@0.1
+    assert list(sweep.columns) == ["matcher", "eps", "pairs", "PCK@0.1 img", "PCK@0.1 kp"]
+    assert list(sweep["matcher"]) == list(DEMO_GWOT) and list(sweep["eps"]) == ["0.02", "0.05"]
+    at_01 = averages(pair_pck(pairs, 0.1), ["dataset", "matcher"])  # from the pairs table's own PCK@0.1
     for row in sweep.itertuples(index=False):
-        assert row[3] == f"{100 * at_01.loc[('demo', row.setting), 'per_image']:.1f}"
-        assert row[4] == f"{100 * at_01.loc[('demo', row.setting), 'per_keypoint']:.1f}"
+        assert row[3] == f"{100 * at_01.loc[('demo', row.matcher), 'per_image']:.1f}"
+        assert row[4] == f"{100 * at_01.loc[('demo', row.matcher), 'per_keypoint']:.1f}"
     assert "## By difficulty" not in markdown  # the demo and TSS have no SPair annotations
 
 
@@ -180,7 +180,7 @@ def test_tss_flow_table_equals_the_mean_of_the_stored_accuracies(run):
         for averaging in ("all", "w/o flip")
     ]
     rows = pairs[pairs["dataset"] == "tss"]
-    for (subset, matcher), group in rows.groupby(["category", "matcher_label"]):
+    for (subset, matcher), group in rows.groupby(["category", "matcher"]):
         accuracy = np.stack(group["flow_accuracy"].to_numpy())
         unflipped = np.stack(group.loc[~group["flip"], "flow_accuracy"].to_numpy())
         for averaging, values in (("all", accuracy), ("w/o flip", unflipped)):
@@ -198,10 +198,10 @@ def test_pck_curves_agree_with_the_stored_pck_at_the_catalog_alphas(run):
     curves = report_numbers(load_run(folder))["curves"]
     assert np.allclose(sorted(curves["alpha"].unique()), np.linspace(0, 0.2, 81))
     for alpha in (0.05, 0.1, 0.15):
-        expected = averages(pair_pck(pairs, alpha), ["dataset", "matcher_label"])["per_keypoint"]
-        at = curves[np.isclose(curves["alpha"], alpha)].set_index(["dataset", "matcher_label"])["pck"]
+        expected = averages(pair_pck(pairs, alpha), ["dataset", "matcher"])["per_keypoint"]
+        at = curves[np.isclose(curves["alpha"], alpha)].set_index(["dataset", "matcher"])["pck"]
         assert at.to_dict() == pytest.approx(expected.to_dict(), abs=1e-12)
-    for _, curve in curves.groupby(["dataset", "matcher"]):
+    for _, curve in curves.groupby(["dataset", "setting"]):
         assert (np.diff(curve["pck"].to_numpy()) >= 0).all()
 
 
@@ -275,12 +275,12 @@ def test_pictures_show_the_best_median_and_worst_pairs_of_gwot_with_their_pck(ru
     drawn = [alt.split(" (")[0] for alt in unmarked if not alt.endswith("predicted flow") and ": " in alt]
     assert any("[larger pair]" in alt for _, alt in page.images)
     for dataset, gwot in (("demo", DEMO_GWOT[0]), ("tss", "gwot")):
-        ranked = pairs[(pairs["dataset"] == dataset) & (pairs["matcher_label"] == gwot)]
+        ranked = pairs[(pairs["dataset"] == dataset) & (pairs["matcher"] == gwot)]
         ranked = ranked.sort_values(["fraction", "pair_id"], ascending=[False, True])["pair_id"].tolist()
         chosen = [ranked[0], ranked[len(ranked) // 2], ranked[-1]]
         for pair_id in chosen:
             for label in (gwot, "nn"):
-                fraction = pairs.loc[(pairs["pair_id"] == pair_id) & (pairs["matcher_label"] == label), "fraction"]
+                fraction = pairs.loc[(pairs["pair_id"] == pair_id) & (pairs["matcher"] == label), "fraction"]
                 assert f"{label}: {pair_id}, PCK@0.1 = {100 * fraction.item():.1f}%" in drawn
 
 
@@ -315,7 +315,7 @@ def test_random_weights_and_spair_difficulty_from_rewritten_parts(run):
         "viewpoint_variation"
     )
     scored = pair_pck(pd.read_parquet(copy / "pairs"), 0.1)
-    expected = averages(scored, ["viewpoint_variation", "matcher_label"])
+    expected = averages(scored, ["viewpoint_variation", "matcher"])
     assert sorted(table.index) == ["0", "1", "2"]
     for (level, label), row in expected.iterrows():
         assert table.loc[str(level), label] == f"{100 * row['per_image']:.1f} / {100 * row['per_keypoint']:.1f}"
@@ -343,8 +343,8 @@ def test_subsets_come_from_the_variant_else_the_flip_and_carry_the_robust_decisi
         {
             **{key: ["demo"] * 4 for key in ("dataset", "backbone", "backbone_key", "threshold_kind")},
             "random_weights": False,
-            "matcher": "m",
-            "matcher_label": "gwot-robust",
+            "setting": "m",
+            "matcher": "gwot-robust",
             "method": "gwot",
             "params_json": "{}",
             "pair_id": ["a", "b", "c", "d"],

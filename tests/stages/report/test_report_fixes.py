@@ -10,9 +10,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from pipeline import results
 from pipeline.cli import cli
+from stages.evaluate.summary import pck_long
 from stages.report import plots, tables
 from tests.catalogs import write_demo_catalog
+from tests.result_rows import pair_row
 
 
 def invoke(catalog: Path, *args: str) -> None:
@@ -60,7 +63,7 @@ def test_an_up_to_date_report_is_not_rebuilt_a_stale_or_forced_one_is(demo, monk
 def sweep_pairs(settings: dict[str, tuple[str, str, float]]) -> pd.DataFrame:
     """Two pairs per setting key: (label, params_json, PCK@0.1 of both pairs), matcher gwot, method gwot."""
     rows = [
-        {"dataset": "demo", "backbone_key": "daisy-112-0", "method": "gwot", "matcher": key, "matcher_label": label,
+        {"dataset": "demo", "backbone_key": "daisy-112-0", "method": "gwot", "setting": key, "matcher": label,
          "matcher_name": "gwot", "params_json": params, "n_kps": 4, "alphas": [0.05, 0.1], "pck": [0.0, pck],
          "flow_accuracy": None}
         for key, (label, params, pck) in settings.items()
@@ -94,3 +97,17 @@ def test_a_two_parameter_sweep_is_one_heatmap(demo):
     assert "PCK@0.1 per image (%) of every eps x k setting of gwot" in (report / "report.md").read_text()
     with Image.open(report / sweeps[0]) as picture:
         assert picture.size == plots.PIXELS
+
+
+def test_settings_sharing_a_label_are_told_apart_by_their_key(tmp_path):
+    """Two keys under one label (the catalog's gwot edited between invocations) are two rows, never merged."""
+    for key, counts in (("aaaaaaaaaaaa", [0, 1]), ("bbbbbbbbbbbb", [1, 1])):
+        for table, rows in (("pairs", [pair_row("p1", 1, counts)]), ("keypoints", [])):
+            schema = results.TABLES[table]
+            results.write_part(results.part_path(tmp_path, table, "d", "gwot", key, 0), rows, schema)
+    results.write_part(results.part_path(tmp_path, "pairs", "d", "nn", "cccccccccccc", 0), [pair_row("p1", 1, [0, 0])],
+                       results.PAIRS_SCHEMA)  # fmt: skip
+    run = tables.load_run(tmp_path)
+    assert sorted(run.pairs["matcher"]) == ["gwot (aaaaaaaaaaaa)", "gwot (bbbbbbbbbbbb)", "nn"]
+    headline = tables.pck_table(pck_long(run.pairs)).query("alpha == 0.1").set_index("matcher")["per_image"]
+    assert headline.to_dict() == {"gwot (aaaaaaaaaaaa)": 1.0, "gwot (bbbbbbbbbbbb)": 1.0, "nn": 0.0}

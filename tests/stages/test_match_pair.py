@@ -12,8 +12,8 @@ from skimage import data as skdata
 from pipeline.catalog import BackboneSpec, MatcherSpec
 from pipeline.errors import CatalogError, InputError, PipelineError
 from stages.api import point_grid
+from stages.match_pair import match_pair, parse_points
 from stages.report.draw import GAP
-from stages.report.match_pair import match_pair, parse_points
 
 DAISY_224 = BackboneSpec(name="daisy", model="daisy", weights="none", image_size=224)
 DAISY_112 = BackboneSpec(name="daisy", model="daisy", weights="none", image_size=112)
