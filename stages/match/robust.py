@@ -44,6 +44,7 @@ MIN_SPAN = 3.0  # patches: pairs of matches closer than this in the source cast 
 LOG_SCALE_BINS = torch.linspace(math.log(0.25), math.log(4.0), 57)  # the vote's histogram, ~0.05 apart
 LOG_SCALE_BANDWIDTH = 0.1  # Gaussian smoothing of the vote, in log-scale units
 ORDER_MARGIN = 0.5  # order agreement of the mirrored minus the original orientation that confirms a flip
+MIN_ORDER_VOTES = 100  # fewer counted pairs of matches than this: the order vote is no evidence (0.5)
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,8 @@ def order_agreement(
     """Per pair, the share ``[B]`` in [0, 1] of tentative matches that keep their left-right order: of every
     two of them at least ``MIN_SPAN`` patches apart horizontally in the source (and apart in the target),
     those whose target columns are in the same order. Near 1 when most matches are right and the pair is
-    not mirrored, near 0 when it is mirrored, about 0.5 when the matches are noise (0.5 without votes)."""
+    not mirrored, near 0 when it is mirrored, about 0.5 when the matches are noise (0.5 with fewer than
+    ``MIN_ORDER_VOTES`` votes: a small grid's handful of matches is no evidence)."""
     src_valid, trg_valid = check_grids(src_feats, trg_feats, src_valid, trg_valid)
     shares = []
     for src_points, trg_points in _tentative_matches(src_feats, trg_feats, src_valid, trg_valid):
@@ -160,7 +162,8 @@ def order_agreement(
         trg_dx = trg_points[:, None, 0] - trg_points[None, :, 0]
         counted = torch.triu(src_dx.abs() >= MIN_SPAN, diagonal=1) & (trg_dx != 0)
         kept = (src_dx * trg_dx)[counted] > 0
-        shares.append(kept.float().mean() if kept.numel() else torch.tensor(0.5, device=src_feats.device))
+        enough = kept.numel() >= MIN_ORDER_VOTES
+        shares.append(kept.float().mean() if enough else torch.tensor(0.5, device=src_feats.device))
     return torch.stack(shares)
 
 
