@@ -9,11 +9,15 @@ Prints two Markdown tables.
    flip-invariant semantic features). Rows NN, gwot, gwot-flip, gwot-scale, gwot-robust (the repository
    catalog's matchers, solved by the match stage's own :func:`solve`); PCK@0.05 and PCK@0.1 of the target
    image's larger side, and seconds per pair.
-2. Real fixtures (``../shared/fixtures``): PF-WILLOW's 4 classes (30 ordered pairs per class, PCK@0.1 of the
-   keypoints' extent) and TSS's 3 pairs (6 directions, T5 flow accuracy), each also with its target
-   mirrored (keypoints and flows mirrored with it), DAISY features of the catalog's ``daisy`` backbone.
+2. Real fixtures (``../shared/fixtures``), through the pipeline's own stages (download of hand-placed
+   archives, normalize, features with the repository catalog's ``daisy`` backbone and ``flip: true``, match)
+   in a work folder: PF-WILLOW's 4 classes (a fixed sample of ``--willow-pairs`` pairs, PCK@0.1 per image)
+   and TSS's 3 pairs beside a mirrored copy of each (image2 with its mask, matches and flows mirrored
+   left-right, ``flip_gt`` 1): T5 without, with only and with all flipped directions; and per matcher how
+   often the mirrored orientation was kept.
 
-Usage (from the repository root): python -m benchmarks.failure_cases [--seeds 2] [--willow-pairs 30]
+Usage (from the repository root):
+python -m benchmarks.failure_cases [--seeds 2] [--willow-pairs 120] [--tables both] [--workdir PATH]
 """
 
 from __future__ import annotations
@@ -21,26 +25,28 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+import yaml
 from PIL import Image
 
-from pipeline.catalog import REPO_CATALOG, DatasetSpec, load_catalog
-from stages.datasets.common import BadItems
+from pipeline.catalog import REPO_CATALOG, Catalog, load_catalog
+from pipeline.context import RunOptions
+from pipeline.results import read_results, run_dir
+from pipeline.runner import run_stages
 from stages.datasets.demo import PHOTOS, draw_pair, load_photo, render_target
-from stages.datasets.flo import UNKNOWN_FLOW, flow_validity, read_flo
-from stages.datasets.pfwillow import normalize as normalize_willow
-from stages.datasets.tss import normalize as normalize_tss
-from stages.evaluate.pck import reference_length
-from stages.evaluate.tss import score_direction
+from stages.datasets.flo import UNKNOWN_FLOW, flow_validity, read_flo, write_flo
 from stages.features.backbones import Backbone, create_backbone
 from stages.features.canvas import CanvasTransform, image_to_canvas
-from stages.match import dense_flow, transfer_keypoints
+from stages.match import transfer_keypoints
 from stages.match.settings import MatcherSetting, parse_params
 from stages.match.stage import readout_options, solve
 
@@ -60,9 +66,14 @@ WARPED_KEYPOINTS = 20
 ALPHAS = (0.05, 0.1)
 
 
+def hand_placed(filename: str) -> dict[str, str]:
+    """A catalog source that is never fetched: the benchmark hands its archive to the download stage."""
+    return {"url": f"http://127.0.0.1:9/{filename}", "filename": filename}
+
+
 @dataclass(frozen=True)
 class Pair:
-    """One pair's features (``[H, W, C]``), canvases and ground truth (keypoints, or a flow)."""
+    """One warped pair's features (``[H, W, C]``), canvases and ground-truth keypoints."""
 
     src: torch.Tensor
     src_flipped: torch.Tensor
@@ -70,11 +81,9 @@ class Pair:
     trg: torch.Tensor
     trg_valid: torch.Tensor
     transforms: tuple[CanvasTransform, CanvasTransform]
-    src_kps: np.ndarray | None = None
-    trg_kps: np.ndarray | None = None
-    ref_length: float | None = None
-    flow: np.ndarray | None = None  # ground truth on the source grid (TSS)
-    trg_size: tuple[int, int] | None = None
+    src_kps: np.ndarray
+    trg_kps: np.ndarray
+    ref_length: float
 
 
 def image_features(
@@ -139,67 +148,13 @@ def warped_pairs(features, seeds: int) -> dict[str, list[Pair]]:
     return cases
 
 
-def mirror_keypoints(points: np.ndarray, width: int) -> np.ndarray:
-    """Keypoints ``[K, 2]`` of an image mirrored left-right (pixel centres: x becomes ``width - 1 - x``)."""
-    return np.stack([width - 1 - points[:, 0], points[:, 1]], 1)
-
-
-def willow_pairs(features, per_class: int) -> tuple[list[Pair], list[Pair]]:
-    """PF-WILLOW fixture pairs (every third ordered pair of a class, ``per_class`` at most) and the same pairs
-    with their target mirrored."""
-    root = FIXTURES / "pf-willow"
-    images, pairs = normalize_willow(root, DatasetSpec(name="pf-willow", kind="pf-willow"), BadItems("pf-willow"))
-    paths = {row["image_id"]: root / row["path"] for row in images.to_pylist()}
-    chosen = [
-        row
-        for _, rows in itertools.groupby(pairs.to_pylist(), key=lambda row: row["category"])
-        for row in list(rows)[::3][:per_class]
-    ]
-    originals, mirrored = [], []
-    for row in chosen:
-        src, trg = (
-            np.asarray(Image.open(paths[row[side]]).convert("RGB")) for side in ("src_image_id", "trg_image_id")
-        )
-        src_kps, trg_kps = np.asarray(row["src_kps"]), np.asarray(row["trg_kps"])
-        length = reference_length("trg_kps", trg_kps=trg_kps)
-        originals.append(make_pair(features, src, trg, src_kps=src_kps, trg_kps=trg_kps, ref_length=length))
-        flipped_kps = mirror_keypoints(trg_kps, trg.shape[1])
-        mirrored.append(make_pair(features, src, trg[:, ::-1], src_kps=src_kps, trg_kps=flipped_kps, ref_length=length))
-    return originals, mirrored
-
-
-def mirror_flow(flow: np.ndarray, trg_width: int) -> np.ndarray:
-    """A source-grid flow into a target that is then mirrored left-right (unknown vectors stay unknown)."""
-    xs = np.arange(flow.shape[1], dtype=np.float32)[None, :]
-    known = flow_validity(flow)
-    mirrored_x = (trg_width - 1 - (xs + flow[..., 0])) - xs
-    return np.stack([np.where(known, mirrored_x, UNKNOWN_FLOW), flow[..., 1]], -1).astype(np.float32)
-
-
-def tss_pairs(features) -> tuple[list[Pair], list[Pair]]:
-    """TSS fixture directions and the same directions with their target mirrored."""
-    root = FIXTURES / "tss"
-    images, pairs = normalize_tss(root, DatasetSpec(name="tss", kind="tss"), BadItems("tss"))
-    paths = {row["image_id"]: root / row["path"] for row in images.to_pylist()}
-    originals, mirrored = [], []
-    for row in pairs.to_pylist():
-        src, trg = (
-            np.asarray(Image.open(paths[row[side]]).convert("RGB")) for side in ("src_image_id", "trg_image_id")
-        )
-        flow = read_flo(root / row["flow_path"])
-        size = (trg.shape[1], trg.shape[0])
-        originals.append(make_pair(features, src, trg, flow=flow, trg_size=size))
-        mirrored.append(make_pair(features, src, trg[:, ::-1], flow=mirror_flow(flow, trg.shape[1]), trg_size=size))
-    return originals, mirrored
-
-
 def stack(pairs: Sequence[Pair], name: str) -> torch.Tensor:
     """One field of every pair, stacked into a batch."""
     return torch.stack([getattr(pair, name) for pair in pairs])
 
 
 def score(setting: MatcherSetting, pairs: Sequence[Pair], batch_size: int = 8) -> tuple[np.ndarray, float]:
-    """Per pair: PCK at :data:`ALPHAS` (keypoint pairs) or T1..T50 (flow pairs); and seconds per pair."""
+    """Per pair: PCK at :data:`ALPHAS`; and seconds per pair."""
     scores, seconds = [], 0.0
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
@@ -208,10 +163,6 @@ def score(setting: MatcherSetting, pairs: Sequence[Pair], batch_size: int = 8) -
         solution = solve(setting, *fields)
         seconds += time.perf_counter() - began
         for pair, pair_scores in zip(batch, solution.scores, strict=True):
-            if pair.flow is not None:
-                flow = dense_flow(pair_scores, *pair.transforms, **readout_options(setting))
-                scores.append(score_direction(flow, pair.flow, pair.trg_size))
-                continue
             predicted = transfer_keypoints(pair_scores, pair.src_kps, *pair.transforms, **readout_options(setting))
             errors = np.linalg.norm(predicted - pair.trg_kps, axis=1)
             scores.append([float(np.mean(errors <= alpha * pair.ref_length)) for alpha in ALPHAS])
@@ -250,29 +201,113 @@ def warped_table(seeds: int) -> list[str]:
     return lines
 
 
-def fixtures_table(willow_per_class: int) -> list[str]:
-    """Table 2's Markdown lines."""
-    spec = load_catalog(REPO_CATALOG, environ={}).backbone("daisy")
-    backbone = create_backbone(
-        spec.model, weights=spec.weights, image_size=spec.image_size, layer=spec.layer, flip=True
-    )
-    features = memoised(lambda image: image_features(backbone, image))
-    willow, willow_mirrored = willow_pairs(features, willow_per_class)
-    tss, tss_mirrored = tss_pairs(features)
+def mirrored_flow(flow: np.ndarray, source_width: int | None = None, target_width: int | None = None) -> np.ndarray:
+    """A flow ``[H, W, 2]`` after mirroring its source image (``source_width``) and/or its target image
+    (``target_width``) left-right; unknown vectors stay unknown."""
+    known = flow_validity(flow)
+    xs = np.arange(flow.shape[1], dtype=np.float64)[None, :]
+    target_x, target_y = xs + flow[..., 0], flow[..., 1]
+    if target_width is not None:
+        target_x = target_width - 1 - target_x
+    if source_width is not None:
+        target_x, target_y, known = (values[:, ::-1] for values in (target_x, target_y, known))
+    return np.stack([np.where(known, target_x - xs, UNKNOWN_FLOW), np.where(known, target_y, UNKNOWN_FLOW)], -1)
+
+
+def mirror_png(source: Path, target: Path) -> None:
+    """``target``: the PNG ``source`` mirrored left-right (same mode)."""
+    Image.open(source).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(target)
+
+
+def tss_with_mirrored(root: Path) -> Path:
+    """A ``TSS_CVPR2016.zip`` under ``root`` of the fixture pairs and, beside each, ``<pair>_mirrored``: the
+    same pair with image2 (its mask, matches and both flows with it) mirrored left-right, ``flip_gt`` 1."""
+    tree = root / "tss" / "TSS_CVPR2016"
+    shutil.copytree(FIXTURES / "tss" / "TSS_CVPR2016", tree)
+    for pair_dir in sorted(tree.glob("*/*")):
+        mirrored = pair_dir.with_name(pair_dir.name + "_mirrored")
+        shutil.copytree(pair_dir, mirrored)
+        width = Image.open(pair_dir / "image2.png").width
+        for name in ("image2.png", "mask2.png"):
+            mirror_png(pair_dir / name, mirrored / name)
+        write_flo(mirrored / "flow1.flo", mirrored_flow(read_flo(pair_dir / "flow1.flo"), target_width=width))
+        write_flo(mirrored / "flow2.flo", mirrored_flow(read_flo(pair_dir / "flow2.flo"), source_width=width))
+        corr = np.loadtxt(pair_dir / "corr.txt", ndmin=2)
+        corr[:, 2] = 1 - corr[:, 2] + 1 / width  # normalised 1-based x: pixel x = c * width - 1
+        np.savetxt(mirrored / "corr.txt", corr, fmt="%.6f", delimiter="\t")
+        (mirrored / "flip_gt.txt").write_text("1")
+    return Path(shutil.make_archive(str(tree), "zip", root_dir=tree.parent, base_dir=tree.name))
+
+
+def fixture_catalog(root: Path) -> Catalog:
+    """A catalog over ``root``: PF-WILLOW and TSS (hand-placed archives), the repository catalog's ``daisy``
+    backbone (``flip: true``) and :data:`MATCHERS`, one in-process worker."""
+    repo = load_catalog(REPO_CATALOG, environ={})
+    body = {
+        "stores": {"data_root": "data", "cache_root": "cache", "outputs": "outputs"},
+        "datasets": {
+            "pf-willow": {"kind": "pf-willow", "sources": [hand_placed("PF-dataset-WILLOW.zip")]},
+            "tss": {"kind": "tss", "sources": [hand_placed("TSS_CVPR2016.zip")]},
+        },
+        "backbones": {"daisy": {key: value for key, value in asdict(repo.backbone("daisy")).items() if key != "name"}},
+        "default_backbone": "daisy",
+        "matchers": {
+            name: {"method": repo.matcher(name).method, "params": dict(repo.matcher(name).params)} for name in MATCHERS
+        },
+        "cluster": {"n_workers": 1, "processes": False, "threads_per_worker": 1},
+    }
+    (root / "catalog.yaml").write_text(yaml.safe_dump(body))
+    return load_catalog(root / "catalog.yaml", environ={})
+
+
+def run_fixtures(root: Path, willow_pairs: int) -> pd.DataFrame:
+    """Download (hand-placed archives), normalise, extract DAISY features and match PF-WILLOW (a fixed sample
+    of ``willow_pairs`` pairs) and TSS with its mirrored pairs under ``root``; the run's pairs table."""
+    catalog = fixture_catalog(root)
+    willow = root / "PF-dataset-WILLOW.zip"
+    if not willow.exists():
+        shutil.make_archive(str(willow.with_suffix("")), "zip", root_dir=FIXTURES / "pf-willow", base_dir=willow.stem)
+    tss = root / "tss" / "TSS_CVPR2016.zip"
+    if not tss.exists():
+        tss_with_mirrored(root)
+    for dataset, archive, max_pairs in (("tss", tss, None), ("pf-willow", willow, willow_pairs)):
+        options = RunOptions(archives={dataset: (archive,)}, progress=False, max_pairs=max_pairs)
+        run_stages(catalog, ("download", "normalize", "features", "match"), (dataset,), options)
+    return read_results(run_dir(catalog.stores.outputs, "default"))
+
+
+def fixtures_table(root: Path, willow_pairs: int) -> list[str]:
+    """Table 2's Markdown lines: PF-WILLOW PCK@0.1 per image and TSS T5 without, with only and with all its
+    mirrored (flip_gt 1) directions, per matcher; and how often the mirrored orientation was kept."""
+    pairs = run_fixtures(root, willow_pairs)
+    willow = pairs[pairs["dataset"] == "pf-willow"]
+    tss = pairs[pairs["dataset"] == "tss"]
     lines = [
-        f"| matcher | PF-WILLOW PCK@0.1 ({len(willow)} pairs) | mirrored targets | all "
-        f"| TSS T5 ({len(tss)} directions) | mirrored targets | all |",
-        "|---|---|---|---|---|---|---|",
+        f"| matcher | PF-WILLOW PCK@0.1 ({willow['pair_id'].nunique()} pairs) | TSS T5 w/o flip "
+        f"({(~tss['flip']).sum() // tss['matcher'].nunique()}) | TSS T5 flipped | TSS T5 all "
+        "| kept mirrored: PF-WILLOW / TSS w/o flip / TSS flipped |",
+        "|---|---|---|---|---|---|",
     ]
-    for name, setting in settings(backbone.image_size).items():
-        willow_scores = [score(setting, pairs)[0][:, 1] for pairs in (willow, willow_mirrored)]
-        tss_scores = [score(setting, pairs)[0][:, 4] for pairs in (tss, tss_mirrored)]
-        cells = [
-            f"{100 * values.mean():.1f}"
-            for group in (willow_scores, tss_scores)
-            for values in (*group, np.concatenate(group))
+    for name in MATCHERS:
+        rows = {part: frame[frame["matcher_name"] == name] for part, frame in (("willow", willow), ("tss", tss))}
+        at_01 = [
+            float(pck[list(alphas).index(0.1)])
+            for alphas, pck in zip(rows["willow"]["alphas"], rows["willow"]["pck"], strict=True)
         ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        t5 = np.array([accuracy[4] for accuracy in rows["tss"]["flow_accuracy"]])
+        flipped = rows["tss"]["flip"].to_numpy()
+        mirrored = [
+            int((frame["orientation"] == "mirrored").sum())
+            for frame in (rows["willow"], rows["tss"][~flipped], rows["tss"][flipped])
+        ]
+        cells = [100 * np.mean(at_01), 100 * t5[~flipped].mean(), 100 * t5[flipped].mean(), 100 * t5.mean()]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{value:.1f}" for value in cells)
+            + " | "
+            + " / ".join(map(str, mirrored))
+            + " |"
+        )
     return lines
 
 
@@ -280,11 +315,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Print both tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=2, help="warps per photo and case")
-    parser.add_argument("--willow-pairs", type=int, default=30, help="PF-WILLOW pairs per class")
+    parser.add_argument("--willow-pairs", type=int, default=120, help="PF-WILLOW pairs (a fixed sample)")
+    parser.add_argument("--tables", choices=("warped", "fixtures", "both"), default="both")
+    parser.add_argument(
+        "--workdir", type=Path, help="the fixtures run's folder, kept (reruns reuse its features); default: temporary"
+    )
     args = parser.parse_args(argv)
-    print("\n".join(warped_table(args.seeds)))
-    print()
-    print("\n".join(fixtures_table(args.willow_pairs)))
+    if args.tables != "fixtures":
+        print("\n".join(warped_table(args.seeds)))
+        print()
+    if args.tables != "warped":
+        if args.workdir is not None:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+            print("\n".join(fixtures_table(args.workdir, args.willow_pairs)))
+            return
+        with tempfile.TemporaryDirectory() as root:
+            print("\n".join(fixtures_table(Path(root), args.willow_pairs)))
 
 
 if __name__ == "__main__":

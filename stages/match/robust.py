@@ -7,8 +7,11 @@ mirrored solve uses the features of the mirrored source *image* (``src_flipped``
 would not do), laid out on the mirrored grid; its plan is mapped back to original source coordinates
 (``plan[i, j] = plan_mirrored[i, Ws - 1 - j]``), so keypoint and flow readout need nothing else. The
 mirrored orientation is kept only on evidence: when its converged objective is lower than the plain one
-by more than ``flip_margin`` (in units of the feature cost). A margin of zero (the naive rule) chooses the
-mirrored solve for a large share of real, unmirrored pairs, whose two objectives differ by chance.
+by more than ``flip_margin`` (in units of the feature cost), or lower at all and confirmed by the geometry
+of the confident matches (:func:`order_agreement`: the share of mutual nearest neighbours that keep their
+left-right order is higher by ``ORDER_MARGIN`` in the mirrored orientation). A margin of zero (the naive
+rule) chooses the mirrored solve for a large share of real, unmirrored pairs, whose two objectives differ
+by chance; on such pairs the matches are noise and both orders agree about half the time.
 
 Scale (``scale="auto"``): the relative object scale ``s`` (target size / source size) is estimated without
 annotations (:func:`estimate_scale`: a vote over pairs of mutual nearest neighbours). Where ``s`` is clearly
@@ -41,6 +44,8 @@ MAX_VOTES = 256  # mutual matches kept per pair for the scale vote (the most sim
 MIN_SPAN = 3.0  # patches: pairs of matches closer than this in the source cast no vote (quantisation)
 LOG_SCALE_BINS = torch.linspace(math.log(0.25), math.log(4.0), 57)  # the vote's histogram, ~0.05 apart
 LOG_SCALE_BANDWIDTH = 0.1  # Gaussian smoothing of the vote, in log-scale units
+ORDER_MARGIN = 0.5  # order agreement of the mirrored minus the original orientation that confirms a flip
+MIN_ORDER_VOTES = 100  # fewer counted pairs of matches than this: the order vote is no evidence (0.5)
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,23 @@ class ScaleEstimate:
     support: torch.Tensor
 
 
+def _tentative_matches(
+    src_feats: torch.Tensor, trg_feats: torch.Tensor, src_valid: torch.Tensor, trg_valid: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per pair, ``(src_xy, trg_xy)`` ``[K, 2]`` in patches: its ``MAX_VOTES`` most similar mutual nearest
+    neighbours, the tentative matches both votes (:func:`estimate_scale`, :func:`order_agreement`) count."""
+    matches = nn_match(src_feats, trg_feats, src_valid, trg_valid, mutual=True)
+    src_xy = _patch_coordinates(tuple(src_feats.shape[1:3]), src_feats.device)
+    trg_xy = _patch_coordinates(tuple(trg_feats.shape[1:3]), trg_feats.device)
+    pairs = []
+    for b in range(src_feats.shape[0]):
+        sources = matches.keep[b].nonzero().flatten()
+        best = matches.similarity[b, sources, matches.indices[b, sources]].argsort(descending=True)[:MAX_VOTES]
+        sources = sources[best]
+        pairs.append((src_xy[sources], trg_xy[matches.indices[b, sources]]))
+    return pairs
+
+
 def estimate_scale(
     src_feats: torch.Tensor,
     trg_feats: torch.Tensor,
@@ -105,16 +127,9 @@ def estimate_scale(
     bandwidth of the mode.
     """
     src_valid, trg_valid = check_grids(src_feats, trg_feats, src_valid, trg_valid)
-    matches = nn_match(src_feats, trg_feats, src_valid, trg_valid, mutual=True)
-    src_xy = _patch_coordinates(tuple(src_feats.shape[1:3]), src_feats.device)
-    trg_xy = _patch_coordinates(tuple(trg_feats.shape[1:3]), trg_feats.device)
     bins = LOG_SCALE_BINS.to(src_feats.device)
     scales, supports = [], []
-    for b in range(src_feats.shape[0]):
-        sources = matches.keep[b].nonzero().flatten()
-        best = matches.similarity[b, sources, matches.indices[b, sources]].argsort(descending=True)[:MAX_VOTES]
-        sources = sources[best]
-        src_points, trg_points = src_xy[sources], trg_xy[matches.indices[b, sources]]
+    for src_points, trg_points in _tentative_matches(src_feats, trg_feats, src_valid, trg_valid):
         src_span = torch.cdist(src_points, src_points)
         trg_span = torch.cdist(trg_points, trg_points)
         counted = torch.triu(src_span >= MIN_SPAN, diagonal=1) & (trg_span > 0)
@@ -128,6 +143,29 @@ def estimate_scale(
         scales.append(mode.exp())
         supports.append(((votes - mode).abs() <= LOG_SCALE_BANDWIDTH).float().mean())
     return ScaleEstimate(scale=torch.stack(scales), support=torch.stack(supports))
+
+
+def order_agreement(
+    src_feats: torch.Tensor,
+    trg_feats: torch.Tensor,
+    src_valid: torch.Tensor | None = None,
+    trg_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per pair, the share ``[B]`` in [0, 1] of tentative matches that keep their left-right order: of every
+    two of them at least ``MIN_SPAN`` patches apart horizontally in the source (and apart in the target),
+    those whose target columns are in the same order. Near 1 when most matches are right and the pair is
+    not mirrored, near 0 when it is mirrored, about 0.5 when the matches are noise (0.5 with fewer than
+    ``MIN_ORDER_VOTES`` votes: a small grid's handful of matches is no evidence)."""
+    src_valid, trg_valid = check_grids(src_feats, trg_feats, src_valid, trg_valid)
+    shares = []
+    for src_points, trg_points in _tentative_matches(src_feats, trg_feats, src_valid, trg_valid):
+        src_dx = src_points[:, None, 0] - src_points[None, :, 0]
+        trg_dx = trg_points[:, None, 0] - trg_points[None, :, 0]
+        counted = torch.triu(src_dx.abs() >= MIN_SPAN, diagonal=1) & (trg_dx != 0)
+        kept = (src_dx * trg_dx)[counted] > 0
+        enough = kept.numel() >= MIN_ORDER_VOTES
+        shares.append(kept.float().mean() if enough else torch.tensor(0.5, device=src_feats.device))
+    return torch.stack(shares)
 
 
 def _odd(value: float) -> int:
@@ -208,7 +246,8 @@ def robust_gwot(
         src_flipped: ``[B, Hs, Ws, C]`` features of the mirrored source images on the original grid (a
             feature store's ``tokens_flipped``); required with ``flip="auto"``.
         flip: ``off`` or ``auto`` (solve both orientations, keep the mirrored one on evidence).
-        flip_margin: how much lower (feature-cost units) the mirrored objective must be to be kept.
+        flip_margin: how much lower (feature-cost units) the mirrored objective must be to be kept without
+            the order vote's confirmation (with it: lower at all).
         scale: ``off`` or ``auto`` (neighbourhood sizes and marginals from the estimated relative scale).
         scale_rho: the marginal relaxation for pairs whose estimated scale is outside the dead zone.
         solver_kwargs: the other keyword arguments of :func:`stages.match.gwot.gwot` (``k`` and ``k_trg``
@@ -248,7 +287,11 @@ def robust_gwot(
     if mirrored_feats is not None:
         other = _solve_grouped(mirrored_feats, trg_feats, mirrored_valid, trg_valid, *solve)
         objective_mirrored = other.objective
-        mirrored = other.objective < plain.objective - flip_margin
+        gap = plain.objective - other.objective
+        order_gap = order_agreement(mirrored_feats, trg_feats, mirrored_valid, trg_valid) - order_agreement(
+            src_feats, trg_feats, src_valid, trg_valid
+        )
+        mirrored = (gap > flip_margin) | ((gap > 0) & (order_gap >= ORDER_MARGIN))
         plan = torch.where(mirrored[:, None, None], unmirror_plan(other.plan, src_grid), plain.plan)
         solver = GWOTResult(
             **{

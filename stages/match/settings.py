@@ -21,7 +21,7 @@ from stages.matcher_params import GWOTParams, NNParams, Params, format_value, pa
 
 # Each method's implementation version, part of every setting's key: bump it with any change to the
 # method's solver or readout that alters numbers, so results of the older code are never taken as done.
-IMPLEMENTATION_VERSIONS = {"nn": 1, "gwot": 2}  # gwot 2: per-pair convergence, coarse-to-fine
+IMPLEMENTATION_VERSIONS = {"nn": 1, "gwot": 3}  # gwot 2: per-pair convergence, coarse-to-fine; 3: flip order vote
 
 __all__ = [
     "IMPLEMENTATION_VERSIONS",

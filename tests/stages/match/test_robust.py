@@ -15,7 +15,14 @@ from stages.features.backbones import create_backbone
 from stages.features.canvas import CanvasTransform, image_to_canvas
 from stages.match import transfer_keypoints
 from stages.match.gwot import gwot
-from stages.match.robust import estimate_scale, mirror_grid, neighbourhoods, robust_gwot, unmirror_plan
+from stages.match.robust import (
+    estimate_scale,
+    mirror_grid,
+    neighbourhoods,
+    order_agreement,
+    robust_gwot,
+    unmirror_plan,
+)
 
 FAST = {"outer_iters": 5, "inner_iters": 30}
 
@@ -75,6 +82,16 @@ def test_neighbourhoods_follow_the_scale_outside_the_dead_zone():
     assert neighbourhoods(2.0, 5, (28, 28), (28, 28)) == (5, 11)
     assert neighbourhoods(0.5, 5, (28, 28), (28, 28)) == (11, 5)
     assert neighbourhoods(4.0, 5, (28, 28), (8, 8)) == (5, 7)  # at most the grid's side
+
+
+def test_order_agreement_is_one_for_a_copy_zero_for_a_mirrored_copy_and_a_half_for_noise():
+    src, trg, _ = random_grids(4, batch=2, src=(12, 14), trg=(12, 14))
+    # Every patch's nearest neighbour in an exact copy is itself: all pairs of matches keep their order...
+    assert order_agreement(src, src).tolist() == [1.0, 1.0]
+    # ... and in a mirrored copy every pair of matches at least MIN_SPAN apart swaps it.
+    assert order_agreement(src, mirror_grid(src)).tolist() == [0.0, 0.0]
+    # Unrelated features: the mutual matches are chance, and so is their order.
+    assert order_agreement(src, trg).tolist() == pytest.approx([0.5, 0.5], abs=0.15)
 
 
 def test_bad_options_are_named():

@@ -59,7 +59,8 @@ def test_the_pairs_table_records_variant_orientation_objectives_and_scale(catalo
     assert set(robust["orientation"]) <= {"original", "mirrored"}
     assert robust["objective_original"].notna().all() and robust["objective_mirrored"].notna().all()
     kept = robust["orientation"] == "mirrored"
-    assert (robust.loc[kept, "objective_mirrored"] < robust.loc[kept, "objective_original"] - 0.02).all()
+    gap = robust["objective_original"] - robust["objective_mirrored"]
+    assert (gap[kept] > 0).all() and kept[gap > 0.02].all()  # beyond the margin: kept; below it: only if lower
     assert robust["scale_estimate"].gt(0).all() and robust["k_src"].ge(5).all() and robust["k_trg"].ge(5).all()
     nn = pairs[pairs["matcher_name"] == "nn"]
     assert nn["orientation"].isna().all() and nn["scale_estimate"].isna().all()
