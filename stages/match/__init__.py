@@ -2,6 +2,7 @@
 
 from stages.match.gwot import GWOTResult, gwot
 from stages.match.nn import NNResult, nn_match
+from stages.match.plans import TransportPlan
 from stages.match.readout import dense_flow, transfer_keypoints
 from stages.match.sinkhorn import SinkhornResult, sinkhorn_unbalanced
 
@@ -9,6 +10,7 @@ __all__ = [
     "GWOTResult",
     "NNResult",
     "SinkhornResult",
+    "TransportPlan",
     "dense_flow",
     "gwot",
     "nn_match",

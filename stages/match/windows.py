@@ -88,6 +88,10 @@ class Windows:
         """The windows of the pairs ``ids``."""
         return Windows(self.top[ids], self.left[ids], self.size, self.src_grid, self.trg_grid, self.index[ids])
 
+    def without_scratch(self) -> Windows:
+        """The same windows without the buffers the solver's operations keep between calls."""
+        return Windows(self.top, self.left, self.size, self.src_grid, self.trg_grid, self.index)
+
     # The operations Sinkhorn needs (the same names as stages.match.sinkhorn.DenseLayout).
     def trg(self, values: torch.Tensor) -> torch.Tensor:
         """Target values ``[B, M]`` at the plan's entries, ``[B, N, K]``."""

@@ -77,11 +77,11 @@ def test_windows_covering_the_whole_grid_give_the_dense_solve(options):
     src_feats, trg_feats = smooth_features(2, 6, 7, seed=1), smooth_features(2, 5, 8, seed=2)
     trg_valid = torch.ones(2, 5, 8, dtype=torch.bool)
     trg_valid[1, :, 0] = False
-    start = gwot(src_feats, trg_feats, None, trg_valid, outer_iters=1, coarse_to_fine=False).plan
+    start = gwot(src_feats, trg_feats, None, trg_valid, outer_iters=1, coarse_to_fine=False).plan.dense()
     settings = dict(outer_iters=4, inner_iters=200, init=start, **options)
     dense = gwot(src_feats, trg_feats, None, trg_valid, coarse_to_fine=False, **settings)
     windowed = gwot(src_feats, trg_feats, None, trg_valid, coarse_to_fine=True, window_radius=10, **settings)
-    torch.testing.assert_close(windowed.plan, dense.plan, rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(windowed.plan.dense(), dense.plan.dense(), rtol=1e-9, atol=1e-14)
     for name in ("objective", "marginal_error"):
         torch.testing.assert_close(getattr(windowed, name), getattr(dense, name), rtol=1e-9, atol=1e-14)
     assert torch.equal(windowed.inner_iters, dense.inner_iters)
@@ -98,13 +98,13 @@ def test_coarse_to_fine_pairs_are_batch_independent_and_respect_invalid_patches_
     for b in range(3):
         one = slice(b, b + 1)
         alone = gwot(src_feats[one], trg_feats[one], src_valid[one], trg_valid[one], **settings)
-        torch.testing.assert_close(batch.plan[one], alone.plan, rtol=1e-10, atol=1e-15)
+        torch.testing.assert_close(batch.plan.dense()[one], alone.plan.dense(), rtol=1e-10, atol=1e-15)
         assert torch.equal(batch.inner_iters[one], alone.inner_iters)
-    assert torch.all(batch.plan[~src_valid.flatten(1)] == 0)
-    assert torch.all(batch.plan.transpose(1, 2)[~trg_valid.flatten(1)] == 0)
+    assert torch.all(batch.plan.dense()[~src_valid.flatten(1)] == 0)
+    assert torch.all(batch.plan.dense().transpose(1, 2)[~trg_valid.flatten(1)] == 0)
     # Each row carries mass only inside one 5 x 5 window, and the plans keep most of their mass.
-    assert int((batch.plan > 0).sum(2).max()) <= 25
-    assert batch.plan.sum((1, 2)).min() > 0.5
+    assert int((batch.plan.dense() > 0).sum(2).max()) <= 25
+    assert batch.plan.dense().sum((1, 2)).min() > 0.5
 
 
 def test_pooling_averages_valid_children_only():
