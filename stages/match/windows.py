@@ -29,22 +29,34 @@ from stages.match.nn import cosine_similarity
 COST_CHUNK = 1 << 20  # dense similarities per chunk of source patches when computing a windowed feature cost
 
 
-def _box_sum_last2(images: torch.Tensor, k: int, grow: int) -> torch.Tensor:
+def _box_sum_last2(images: torch.Tensor, k: int, grow: int, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Sums over ``k x k`` boxes of the last two axes, zero outside, on the grid grown by ``grow`` on each
-    side: ``[..., H, W] -> [..., H + 2 grow, W + 2 grow]`` (shifted-slice sums: fast for small images)."""
+    side: ``[..., H, W] -> out [..., H + 2 grow, W + 2 grow]`` (shifted-slice sums: fast for small images;
+    ``rows [..., H + 2 grow, W]`` is scratch space). Returns ``out``."""
     half = k // 2
-    *lead, height, width = images.shape
-    rows = images.new_zeros(*lead, height + 2 * grow, width)
+    height, width = images.shape[-2:]
+    rows.zero_()
     for shift in range(-half, half + 1):  # output row r sums input rows r - grow + shift
         low, high = max(0, grow - shift), min(height + 2 * grow, height + grow - shift)
         if low < high:
             rows[..., low:high, :] += images[..., low - grow + shift : high - grow + shift, :]
-    out = images.new_zeros(*lead, height + 2 * grow, width + 2 * grow)
+    out.zero_()
     for shift in range(-half, half + 1):
         low, high = max(0, grow - shift), min(width + 2 * grow, width + grow - shift)
         if low < high:
             out[..., low:high] += rows[..., low - grow + shift : high - grow + shift]
     return out
+
+
+@dataclass(frozen=True)
+class _NeighbourReads:
+    """Scratch space and read positions of :meth:`Windows.neighbour_plan_sum`, fixed while the windows are."""
+
+    padded: torch.Tensor  # [B, N, py, px] grown windows framed by zero margins (which stay zero)
+    box_rows: torch.Tensor  # [B, N, wy + 2 grow, wx] the box sum's row pass
+    row_starts: list[torch.Tensor]  # per source neighbour offset, [B * N * wy] flat starts in ``padded``
+    total: torch.Tensor  # [B, N, K] the result
+    part: torch.Tensor  # [B, N, K] one offset's reads
 
 
 @dataclass(frozen=True)
@@ -112,12 +124,41 @@ class Windows:
         return total.log_().add_(shift)
 
     def times_trg(self, kernel: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """``K v`` per pair, ``[B, N]``."""
-        return torch.linalg.vecdot(kernel, self.trg(values))
+        """``K v`` per pair, ``[B, N]`` (with shared block windows, ``v`` is gathered once per block)."""
+        blocks = self._shared_blocks()
+        if blocks is None:
+            return torch.linalg.vecdot(kernel, self.trg(values))
+        batch, n, k = kernel.shape
+        hb, wb = self.src_grid[0] // 2, self.src_grid[1] // 2
+        window_values = torch.gather(values, 1, blocks).view(batch, hb, 1, wb, 1, k)
+        return torch.linalg.vecdot(kernel.view(batch, hb, 2, wb, 2, k), window_values).view(batch, n)
 
     def times_src(self, kernel: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """``K^T u`` per pair, ``[B, M]``."""
-        return self.column_sum(kernel * values[:, :, None])
+        """``K^T u`` per pair, ``[B, M]`` (with shared block windows, summed per block before the scatter)."""
+        blocks = self._shared_blocks()
+        if blocks is None:
+            return self.column_sum(kernel * values[:, :, None])
+        batch, _, k = kernel.shape
+        hb, wb = self.src_grid[0] // 2, self.src_grid[1] // 2
+        kernel, values = kernel.view(batch, hb, 2, wb, 2, k), values.view(batch, hb, 2, wb, 2, 1)
+        rows = torch.mul(kernel[:, :, 0], values[:, :, 0]).addcmul_(kernel[:, :, 1], values[:, :, 1])
+        block_sums = rows[:, :, :, 0].add_(rows[:, :, :, 1])  # [B, hb, wb, K]
+        out = block_sums.new_zeros(batch, self.trg_patches)
+        return out.scatter_add_(1, blocks, block_sums.flatten(1))
+
+    def _shared_blocks(self) -> torch.Tensor | None:
+        """When every 2 x 2 block of source patches shares one window (as coarse-to-fine places them, on a
+        source grid of even sides), each block's window entries as flat target patches ``[B, Nb * K]``
+        (blocks row-major), so that products gather and scatter once per block; None otherwise."""
+        if "blocks" not in self._scratch:
+            (hs, ws), batch = self.src_grid, self.top.shape[0]
+            blocks = None
+            if hs % 2 == 0 and ws % 2 == 0:
+                corners = torch.stack([self.top, self.left]).view(2, batch, hs // 2, 2, ws // 2, 2)
+                if bool((corners == corners[:, :, :, :1, :, :1]).all()):
+                    blocks = self.index.view(batch, hs // 2, 2, ws // 2, 2, -1)[:, :, 0, :, 0].reshape(batch, -1)
+            self._scratch["blocks"] = blocks
+        return self._scratch["blocks"]
 
     def feature_cost(self, src_feats: torch.Tensor, trg_feats: torch.Tensor) -> torch.Tensor:
         """``1 - cos(f_i, f_j)`` at the plan's entries, ``[B, N, K]``, from features ``[B, H, W, C]``: dense
@@ -155,12 +196,12 @@ class Windows:
         return torch.gather(full, 2, self.index)
 
     # The quadratic terms.
-    def _neighbour_reads(self, k_src: int, k_trg: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Where ``neighbour_plan_sum`` reads, fixed while the windows are: a zeroed scratch buffer of padded
-        grown windows ``[B, N, py, px]`` (its margins stay zero between calls) and, per source neighbour
-        offset, where each row of ``i``'s window starts in the neighbour's padded frame, flat over the whole
-        buffer, ``[B * N * wy]`` (in a zero margin where the neighbour is off the grid or its window does
-        not overlap ``i``'s)."""
+    def _neighbour_reads(self, k_src: int, k_trg: int, dtype: torch.dtype) -> _NeighbourReads:
+        """Where ``neighbour_plan_sum`` reads, fixed while the windows are, and its buffers (made once:
+        fresh buffers are slow, the kernel zero-fills their pages): padded grown windows ``[B, N, py, px]``
+        and, per source neighbour offset, where each row of ``i``'s window starts in the neighbour's padded
+        frame, flat over the whole buffer, ``[B * N * wy]`` (in a zero margin where the neighbour is off the
+        grid or its window does not overlap ``i``'s)."""
         key = (k_src, k_trg, dtype)
         if key in self._scratch:
             return self._scratch[key]
@@ -183,22 +224,31 @@ class Windows:
                 shift_x = (self.left - self.left[:, source] + grow + wx).clamp(0, px - wx)
                 start = torch.where(inside, source * (py * px) + shift_y * px + shift_x, 0)  # 0: a margin
                 row_starts.append(((frames + start)[:, :, None] + window_rows).flatten())
-        buffer = torch.zeros(batch, n, py, px, dtype=dtype, device=device)
-        self._scratch[key] = buffer, row_starts
-        return buffer, row_starts
+        reads = _NeighbourReads(
+            padded=torch.zeros(batch, n, py, px, dtype=dtype, device=device),
+            box_rows=torch.empty(batch, n, wy + 2 * grow, wx, dtype=dtype, device=device),
+            row_starts=row_starts,
+            total=torch.empty(batch, n, wy * wx, dtype=dtype, device=device),
+            part=torch.empty(batch, n, wy * wx, dtype=dtype, device=device),
+        )
+        self._scratch[key] = reads
+        return reads
 
     def neighbour_plan_sum(self, plan: torch.Tensor, k_src: int, k_trg: int) -> torch.Tensor:
-        """``(As T At)_ij`` at the plan's entries, ``[B, N, K]`` (see the module docstring)."""
+        """``(As T At)_ij`` at the plan's entries, ``[B, N, K]`` (see the module docstring), in a buffer that
+        the next call overwrites."""
         batch, n, _ = plan.shape
         (wy, wx), grow = self.size, k_trg // 2
-        padded, row_starts = self._neighbour_reads(k_src, k_trg, plan.dtype)
+        reads = self._neighbour_reads(k_src, k_trg, plan.dtype)
         # T At on the windows grown by grow, framed by zero margins of a window's size.
-        padded[:, :, wy:-wy, wx:-wx] = _box_sum_last2(plan.view(batch, n, wy, wx), k_trg, grow)
-        strips = padded.view(-1).unfold(0, wx, 1)  # every run of wx buffer entries (a view): rows to copy whole
-        out = torch.zeros_like(plan)
-        for starts in row_starts:
-            out.add_(strips.index_select(0, starts).view_as(plan))
-        return out
+        inner = reads.padded[:, :, wy:-wy, wx:-wx]
+        _box_sum_last2(plan.view(batch, n, wy, wx), k_trg, grow, inner, reads.box_rows)
+        strips = reads.padded.view(-1).unfold(0, wx, 1)  # every run of wx buffer entries (a view): rows to copy
+        first, *others = reads.row_starts
+        torch.index_select(strips, 0, first, out=reads.total.view(-1, wx))
+        for starts in others:
+            reads.total.add_(torch.index_select(strips, 0, starts, out=reads.part.view(-1, wx)).view_as(plan))
+        return reads.total
 
     def add_spatial_gradient(self, cost, plan, k_src: int, k_trg: int, weight: float) -> torch.Tensor:
         """``cost += weight * grad Q_s(T)`` in place at the plan's entries ``[B, N, K]``; returns ``cost``."""

@@ -10,7 +10,7 @@ import torch
 from stages.match import coarse_to_fine as c2f
 from stages.match.costs import add_spatial_gradient, add_symmetry_gradient, spatial_term, symmetry_term
 from stages.match.gwot import gwot
-from stages.match.sinkhorn import sinkhorn_unbalanced
+from stages.match.sinkhorn import DENSE, sinkhorn_unbalanced
 from stages.match.windows import Windows
 from tests.stages.match.test_gwot import smooth_features
 
@@ -33,6 +33,27 @@ def windowed_plan(windows: Windows, seed=1) -> tuple[torch.Tensor, torch.Tensor]
     entries = torch.rand(*windows.index.shape, dtype=torch.float64, generator=generator)
     entries /= entries.sum((1, 2), keepdim=True)
     return entries, windows.dense(entries)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_kernel_products_equal_the_dense_ones_with_and_without_block_shared_windows(shared):
+    src_grid, trg_grid, size = (6, 8), (9, 7), (3, 4)
+    windows = random_windows(src_grid, trg_grid, size, batch=2, seed=3)
+    if shared:  # every 2 x 2 block of source patches takes its top-left child's window, as coarse-to-fine does
+        first = [
+            corner.view(2, 3, 2, 4, 2)[:, :, :1, :, :1].expand(2, 3, 2, 4, 2).reshape(2, -1)
+            for corner in (windows.top, windows.left)
+        ]
+        windows = Windows.at(*first, size, src_grid, trg_grid)
+    assert (windows._shared_blocks() is not None) == shared
+    kernel, dense = windowed_plan(windows, seed=4)
+    generator = torch.Generator().manual_seed(5)
+    u, v = (
+        torch.rand(2, 48, dtype=torch.float64, generator=generator),
+        torch.rand(2, 63, dtype=torch.float64, generator=generator),
+    )
+    torch.testing.assert_close(windows.times_trg(kernel, v), DENSE.times_trg(dense, v), rtol=1e-12, atol=0)
+    torch.testing.assert_close(windows.times_src(kernel, u), DENSE.times_src(dense, u), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize(("k", "k_trg"), [(3, 3), (5, 3), (3, 5), (1, 5)])
