@@ -50,13 +50,17 @@ def _box_sum_last2(images: torch.Tensor, k: int, grow: int, out: torch.Tensor, r
 
 @dataclass(frozen=True)
 class _NeighbourReads:
-    """Scratch space and read positions of :meth:`Windows.neighbour_plan_sum`, fixed while the windows are."""
+    """Scratch space and read positions of :meth:`Windows.neighbour_plan_sum`, fixed while the windows are.
+
+    The readers are the source patches, or with shared block windows the 2 x 2 blocks (``R = N / 4``),
+    which read the ``k_src + 1`` squared neighbours around the block once for all four children."""
 
     padded: torch.Tensor  # [B, N, py, px] grown windows framed by zero margins (which stay zero)
     box_rows: torch.Tensor  # [B, N, wy + 2 grow, wx] the box sum's row pass
-    row_starts: list[torch.Tensor]  # per source neighbour offset, [B * N * wy] flat starts in ``padded``
+    row_starts: list[torch.Tensor]  # per neighbour offset (row-major), [B * R * wy] flat starts in ``padded``
     total: torch.Tensor  # [B, N, K] the result
-    part: torch.Tensor  # [B, N, K] one offset's reads
+    parts: list[torch.Tensor]  # [B, R, K] scratch: one offset's reads (1, or 6 with blocks)
+    blocks: bool
 
 
 @dataclass(frozen=True)
@@ -199,9 +203,9 @@ class Windows:
     def _neighbour_reads(self, k_src: int, k_trg: int, dtype: torch.dtype) -> _NeighbourReads:
         """Where ``neighbour_plan_sum`` reads, fixed while the windows are, and its buffers (made once:
         fresh buffers are slow, the kernel zero-fills their pages): padded grown windows ``[B, N, py, px]``
-        and, per source neighbour offset, where each row of ``i``'s window starts in the neighbour's padded
-        frame, flat over the whole buffer, ``[B * N * wy]`` (in a zero margin where the neighbour is off the
-        grid or its window does not overlap ``i``'s)."""
+        and, per source neighbour offset, where each row of the reader's window starts in the neighbour's
+        padded frame, flat over the whole buffer, ``[B * R * wy]`` (in a zero margin where the neighbour is
+        off the grid or its window does not overlap the reader's)."""
         key = (k_src, k_trg, dtype)
         if key in self._scratch:
             return self._scratch[key]
@@ -210,18 +214,25 @@ class Windows:
         grow = k_trg // 2
         py, px = 3 * wy + 2 * grow, 3 * wx + 2 * grow
         device = self.top.device
-        patches = torch.arange(n, device=device)
-        rows, cols = torch.div(patches, ws, rounding_mode="floor"), patches % ws
+        step = 2 if self._shared_blocks() is not None else 1  # readers: patches, or blocks' first children
+        rows, cols = torch.meshgrid(
+            torch.arange(0, hs, step, device=device), torch.arange(0, ws, step, device=device), indexing="ij"
+        )
+        rows, cols = rows.flatten(), cols.flatten()
+        readers = rows * ws + cols
+        top, left = self.top[:, readers], self.left[:, readers]
         frames = torch.arange(batch, device=device)[:, None] * (n * py * px)  # each pair's part of the buffer
         window_rows = torch.arange(wy, device=device) * px
         row_starts, half = [], k_src // 2
-        for dy in range(-half, half + 1):
-            for dx in range(-half, half + 1):
+        offsets = range(-half, half + step)
+        for dy in offsets:
+            for dx in offsets:
                 inside = (rows + dy >= 0) & (rows + dy < hs) & (cols + dx >= 0) & (cols + dx < ws)
-                source = torch.where(inside, patches + dy * ws + dx, 0)
-                # i's window in the neighbour's padded frame: top_i - top_k + grow + wy, clamped to the zeros.
-                shift_y = (self.top - self.top[:, source] + grow + wy).clamp(0, py - wy)
-                shift_x = (self.left - self.left[:, source] + grow + wx).clamp(0, px - wx)
+                source = torch.where(inside, readers + dy * ws + dx, 0)
+                # The reader's window in the neighbour's padded frame: top_i - top_k + grow + wy, clamped to
+                # the zeros.
+                shift_y = (top - self.top[:, source] + grow + wy).clamp(0, py - wy)
+                shift_x = (left - self.left[:, source] + grow + wx).clamp(0, px - wx)
                 start = torch.where(inside, source * (py * px) + shift_y * px + shift_x, 0)  # 0: a margin
                 row_starts.append(((frames + start)[:, :, None] + window_rows).flatten())
         reads = _NeighbourReads(
@@ -229,7 +240,8 @@ class Windows:
             box_rows=torch.empty(batch, n, wy + 2 * grow, wx, dtype=dtype, device=device),
             row_starts=row_starts,
             total=torch.empty(batch, n, wy * wx, dtype=dtype, device=device),
-            part=torch.empty(batch, n, wy * wx, dtype=dtype, device=device),
+            parts=[torch.empty(batch, len(readers), wy * wx, dtype=dtype, device=device) for _ in range(5 * step - 4)],
+            blocks=step == 2,
         )
         self._scratch[key] = reads
         return reads
@@ -244,10 +256,42 @@ class Windows:
         inner = reads.padded[:, :, wy:-wy, wx:-wx]
         _box_sum_last2(plan.view(batch, n, wy, wx), k_trg, grow, inner, reads.box_rows)
         strips = reads.padded.view(-1).unfold(0, wx, 1)  # every run of wx buffer entries (a view): rows to copy
-        first, *others = reads.row_starts
-        torch.index_select(strips, 0, first, out=reads.total.view(-1, wx))
-        for starts in others:
-            reads.total.add_(torch.index_select(strips, 0, starts, out=reads.part.view(-1, wx)).view_as(plan))
+
+        def read(offset: int, out: torch.Tensor) -> torch.Tensor:
+            return torch.index_select(strips, 0, reads.row_starts[offset], out=out.view(-1, wx)).view_as(out)
+
+        if not reads.blocks:
+            read(0, reads.total)
+            for offset in range(1, len(reads.row_starts)):
+                reads.total.add_(read(offset, reads.parts[0]))
+            return reads.total
+        return self._block_neighbour_sum(reads, read, k_src)
+
+    def _block_neighbour_sum(self, reads: _NeighbourReads, read, k_src: int) -> torch.Tensor:
+        """The neighbour sums of the four children of each 2 x 2 block from the block's ``(k_src + 1)^2``
+        reads ``R[r][c]``: child ``(a, b)`` sums rows ``a .. a + k_src - 1`` and columns ``b .. b + k_src - 1``
+        (a sum over the other child's columns or rows is the first's minus one end plus the other end)."""
+        batch, k = reads.total.shape[0], reads.total.shape[2]
+        hb, wb = self.src_grid[0] // 2, self.src_grid[1] // 2
+        children = reads.total.view(batch, hb, 2, wb, 2, k)
+        first, part, left, right, left_top, right_top = (p.view(batch, hb, wb, k) for p in reads.parts)
+        span = k_src + 1
+        for r in range(span):
+            read(r * span, first)
+            left.copy_(first)
+            for c in range(1, k_src):
+                left.add_(read(r * span + c, part))  # columns 0 .. k_src - 1
+            torch.sub(left, first, out=right).add_(read(r * span + k_src, part))  # columns 1 .. k_src
+            if r == 0:
+                children[:, :, 0, :, 0], children[:, :, 0, :, 1] = left, right
+                left_top.copy_(left)
+                right_top.copy_(right)
+            elif r < k_src:
+                children[:, :, 0, :, 0] += left
+                children[:, :, 0, :, 1] += right
+            else:  # rows 1 .. k_src
+                torch.sub(children[:, :, 0, :, 0], left_top, out=children[:, :, 1, :, 0]).add_(left)
+                torch.sub(children[:, :, 0, :, 1], right_top, out=children[:, :, 1, :, 1]).add_(right)
         return reads.total
 
     def add_spatial_gradient(self, cost, plan, k_src: int, k_trg: int, weight: float) -> torch.Tensor:

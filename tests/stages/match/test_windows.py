@@ -16,6 +16,7 @@ from tests.stages.match.test_gwot import smooth_features
 
 pytestmark = pytest.mark.filterwarnings("ignore::stages.match.gwot.ConvergenceWarning")
 GRID_PAIRS = [((6, 7), (5, 8)), ((5, 5), (9, 4))]
+SHARED_GRIDS = ((6, 8), (9, 7))  # a source grid of even sides, for windows shared by 2 x 2 blocks
 
 
 def random_windows(src_grid, trg_grid, size, batch=2, seed=0) -> Windows:
@@ -35,16 +36,21 @@ def windowed_plan(windows: Windows, seed=1) -> tuple[torch.Tensor, torch.Tensor]
     return entries, windows.dense(entries)
 
 
+def shared_windows(windows: Windows) -> Windows:
+    """The windows with every 2 x 2 block of source patches on its top-left child's window, as coarse-to-fine
+    places them (source sides even)."""
+    batch, (hs, ws) = windows.top.shape[0], windows.src_grid
+    first = [
+        corner.view(batch, hs // 2, 2, ws // 2, 2)[:, :, :1, :, :1].expand(batch, hs // 2, 2, ws // 2, 2)
+        for corner in (windows.top, windows.left)
+    ]
+    return Windows.at(*(corner.reshape(batch, -1) for corner in first), windows.size, *SHARED_GRIDS)
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_kernel_products_equal_the_dense_ones_with_and_without_block_shared_windows(shared):
-    src_grid, trg_grid, size = (6, 8), (9, 7), (3, 4)
-    windows = random_windows(src_grid, trg_grid, size, batch=2, seed=3)
-    if shared:  # every 2 x 2 block of source patches takes its top-left child's window, as coarse-to-fine does
-        first = [
-            corner.view(2, 3, 2, 4, 2)[:, :, :1, :, :1].expand(2, 3, 2, 4, 2).reshape(2, -1)
-            for corner in (windows.top, windows.left)
-        ]
-        windows = Windows.at(*first, size, src_grid, trg_grid)
+    windows = random_windows(*SHARED_GRIDS, (3, 4), batch=2, seed=3)
+    windows = shared_windows(windows) if shared else windows
     assert (windows._shared_blocks() is not None) == shared
     kernel, dense = windowed_plan(windows, seed=4)
     generator = torch.Generator().manual_seed(5)
@@ -54,6 +60,19 @@ def test_kernel_products_equal_the_dense_ones_with_and_without_block_shared_wind
     )
     torch.testing.assert_close(windows.times_trg(kernel, v), DENSE.times_trg(dense, v), rtol=1e-12, atol=0)
     torch.testing.assert_close(windows.times_src(kernel, u), DENSE.times_src(dense, u), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(("k", "k_trg"), [(3, 3), (5, 3), (1, 5), (7, 3)])
+@pytest.mark.parametrize("size", [(3, 3), (3, 4)])
+def test_block_shared_windows_give_the_dense_spatial_gradient_restricted_to_them(k, k_trg, size):
+    windows = shared_windows(random_windows(*SHARED_GRIDS, size, seed=6))
+    assert windows._shared_blocks() is not None
+    entries, dense = windowed_plan(windows, seed=7)
+    expected = add_spatial_gradient(torch.zeros_like(dense), dense, *SHARED_GRIDS, k, k_trg, 0.7)
+    got = windows.add_spatial_gradient(torch.zeros_like(entries), entries, k, k_trg, 0.7)
+    torch.testing.assert_close(got, windows.restrict(expected), rtol=1e-12, atol=1e-15)
+    spatial = spatial_term(dense, *SHARED_GRIDS, k, k_trg).value
+    torch.testing.assert_close(windows.spatial_value(entries, k, k_trg), spatial, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize(("k", "k_trg"), [(3, 3), (5, 3), (3, 5), (1, 5)])
