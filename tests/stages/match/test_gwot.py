@@ -58,7 +58,7 @@ def test_balanced_spatial_solve_equals_pot_entropic_fgw(k, k_trg, w_s, custom_in
             max_iter=100_000,
             tol=1e-15,
         )
-        init = other.plan.dense()
+        init = other.plan
     result = gwot(
         src_feats,
         trg_feats,
