@@ -42,6 +42,7 @@ def test_gwot_params_mirror_the_solver_signature():
     }
     keywords.pop("init")  # a warm start is per problem, not a setting
     keywords.pop("src_flipped")  # features, not a setting
+    keywords.pop("warn")  # the stage records convergence per pair and never warns
     params = GWOTParams()
     assert params.solver_kwargs() == keywords
     assert {f.name for f in dataclasses.fields(GWOTParams)} == {*keywords, "window"}
