@@ -4,7 +4,7 @@ A :class:`TransportPlan` holds a batch of plans over a source grid (N patches) a
 dense values ``[B, N, M]``, or windowed values ``[B, N, K]`` with the :class:`stages.match.windows.Windows`
 that say which K target patches each source patch's entries are (every other entry is zero). The readout
 works on either without building the ``[B, N, M]`` array; :meth:`TransportPlan.dense` builds it for pictures
-and tests.
+and tests. The match stage also carries NN similarities this way (dense), so that its readout takes one type.
 """
 
 from __future__ import annotations
