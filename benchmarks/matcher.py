@@ -4,8 +4,12 @@ Prints two Markdown tables. Speed: seconds per pair (best of the repeats after a
 growing grids of synthetic features (a smooth random field sampled on the source grid and, with noise, on a
 rotated, zoomed and bent copy of it). Every measurement runs in its own subprocess with ``--threads`` torch
 threads (1 by default: faster than 2 on a 2-core machine), so that its peak memory is its own: on CUDA
-``torch.cuda.max_memory_allocated`` above the inputs; on CPU the growth of the process's peak resident set
-(``ru_maxrss``) during the solves. Accuracy: PCK@0.1 of dense and coarse-to-fine GWOT (and NN) on
+``torch.cuda.max_memory_allocated`` above the inputs; on CPU (Linux) the peak resident set during the solves
+above the resident set before them (``VmHWM`` minus ``VmRSS`` of ``/proc/self/status``, the peak reset by
+writing 5 to ``/proc/self/clear_refs`` just before: torch's CPU allocator keeps no statistics, and
+tracemalloc does not see its allocations). Each time is the best wall-clock time; the CPU time of the same
+solve is printed for the GWOT columns too, since on a shared machine it is the steadier of the two.
+Accuracy: PCK@0.1 of dense and coarse-to-fine GWOT (and NN) on
 scikit-image photos under seeded smooth warps, DAISY descriptors on a G x G grid (the project's
 warp-quality test, at every grid size).
 
@@ -28,7 +32,6 @@ import argparse
 import inspect
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -114,15 +117,31 @@ def gwot_fixed_steps(src_feats, trg_feats, valid=(None, None), **options):
         return gwot(src_feats, trg_feats, *valid, outer_tol=0.0, **options)
 
 
+def _status_mib(field: str) -> float:
+    """A ``/proc/self/status`` memory field (Linux reports KiB), in MiB."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def reset_peak_memory(device: str) -> float:
+    """Restart the peak-memory count from now; returns the memory in use now, in MiB."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak resident set restarts from the current one
+    return _status_mib("VmRSS")
+
+
 def peak_memory_mib(device: str) -> float:
-    """Peak memory so far: CUDA allocations, or the process's peak resident set, in MiB."""
+    """Peak memory since :func:`reset_peak_memory`: CUDA allocations, or the process's resident set, in MiB."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return _status_mib("VmHWM")
 
 
 def measure(method: str, grid: int, device: str, repeats: int, pot_steps: int) -> dict:
-    """Seconds per pair (best of ``repeats`` after a warm-up) and peak memory growth of one method.
+    """Seconds per pair (best wall and CPU time of ``repeats`` after a warm-up) and peak memory of one method.
 
     For POT, ``pot_steps`` outer steps are run and the time is scaled to GWOT's number of outer steps.
     """
@@ -134,20 +153,22 @@ def measure(method: str, grid: int, device: str, repeats: int, pot_steps: int) -
         "pot": lambda: pot_fgw(src_feats, trg_feats, False, pot_steps),
         "pot-warm": lambda: pot_fgw(src_feats, trg_feats, True, pot_steps),
     }[method]
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    before = peak_memory_mib(device)
+    before = reset_peak_memory(device)
     pot = method.startswith("pot")
-    times = []
+    times, result = [], None
     for _ in range(repeats + (not pot)):  # POT has no warm-up to amortise
-        start = time.perf_counter()
+        result = None  # not alive during the next solve
+        start, cpu = time.perf_counter(), time.process_time()
         result = solve()
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start, time.process_time() - cpu))
     times = times[-repeats:]
-    row = {"seconds": min(times), "memory_mib": peak_memory_mib(device) - before}
+    row = {
+        "seconds": min(wall for wall, _ in times),
+        "cpu_seconds": min(cpu for _, cpu in times),
+        "memory_mib": peak_memory_mib(device) - before,
+    }
     if method in ("dense", "c2f"):
         row["inner_iters"] = int(result.inner_iters.sum())
     if pot:
@@ -214,7 +235,7 @@ def main() -> None:
     import ot
 
     defaults = gwot_defaults()
-    memory = "CUDA max_memory_allocated" if args.device.startswith("cuda") else "growth of peak RSS"
+    memory = "CUDA max_memory_allocated" if args.device.startswith("cuda") else "peak RSS above the start (VmHWM)"
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor()
     print(
         f"device {args.device} ({device or platform.machine()}), torch {torch.__version__} with {args.threads} "
@@ -224,10 +245,10 @@ def main() -> None:
         f"POT warm: {pot_settings(grids[0], True, defaults['outer_iters'])}\n"
     )
     print(
-        "| grid | NN s | NN MiB | dense s | dense MiB | c2f s | c2f MiB | c2f inner iters | POT s | POT warm s "
-        "| POT MiB | dense / c2f | POT warm / c2f | POT warm / dense |"
+        "| grid | NN s | NN MiB | dense s | dense CPU s | dense MiB | c2f s | c2f CPU s | c2f MiB | c2f inner iters "
+        "| POT s | POT warm s | POT MiB | dense / c2f | POT warm / c2f | POT warm / dense |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     steps = defaults["outer_iters"]
     previous = {}
     for grid in grids:
@@ -244,17 +265,19 @@ def main() -> None:
             f"{rows['nn']['seconds']:.4f}",
             f"{rows['nn']['memory_mib']:.0f}",
             f"{dense['seconds']:.3f}",
+            f"{dense['cpu_seconds']:.3f}",
             f"{dense['memory_mib']:.0f}",
             f"{fine['seconds']:.3f}",
+            f"{fine['cpu_seconds']:.3f}",
             f"{fine['memory_mib']:.0f}",
             str(fine["inner_iters"]),
             f"{dense['seconds'] / fine['seconds']:.1f}x",
         ]
         if args.no_pot:
-            cells[8:8] = ["-", "-", "-"]
+            cells[10:10] = ["-", "-", "-"]
             cells += ["-", "-"]
         else:
-            cells[8:8] = [
+            cells[10:10] = [
                 f"{pot['mark']}{pot['seconds']:.2f}",
                 f"{warm['mark']}{warm['seconds']:.2f}",
                 f"{max(pot['memory_mib'], warm['memory_mib']):.0f}",

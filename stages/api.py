@@ -273,7 +273,7 @@ def match_features(
         trg_image=trg_image,
         points=points,
         predictions=predictions,
-        scores=scores.float().cpu().numpy(),
+        scores=scores.dense()[0].float().cpu().numpy(),
         canvases=features.canvases,
         setting=setting,
         backbone=features.backbone,

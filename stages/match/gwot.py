@@ -55,6 +55,7 @@ from pipeline.errors import PipelineError
 from stages.match import coarse_to_fine as c2f
 from stages.match.costs import Grid, add_spatial_gradient, add_symmetry_gradient, spatial_term, symmetry_term
 from stages.match.grids import check_grids, cosine_similarity
+from stages.match.plans import TransportPlan
 from stages.match.sinkhorn import DENSE, DenseLayout, sinkhorn_unbalanced
 from stages.match.windows import Windows
 
@@ -65,12 +66,13 @@ class ConvergenceWarning(UserWarning):
 
 @dataclass(frozen=True)
 class GWOTResult:
-    """Per pair of the batch: the plan ``[B, N, M]``; the final objective ``E`` ``[B]``; the final marginal
+    """Per pair of the batch: the plan (a :class:`TransportPlan`, ``[B, N, M]`` dense or ``[B, N, K]`` on
+    windows of the target grid, as solved); the final objective ``E`` ``[B]``; the final marginal
     error ``|T1 - a|_1 + |T^T1 - b|_1`` ``[B]``; the mirror-descent steps used ``outer_steps [B]`` and the
     Sinkhorn iterations used over all of them ``inner_iters [B]`` (int64); whether the plan converged to
     ``outer_tol`` within ``outer_iters`` steps ``converged [B]`` (bool)."""
 
-    plan: torch.Tensor
+    plan: TransportPlan
     objective: torch.Tensor
     marginal_error: torch.Tensor
     outer_steps: torch.Tensor
@@ -241,6 +243,7 @@ def gwot(
     coarse_to_fine: bool = True,
     window_radius: int = 4,
     init: torch.Tensor | None = None,
+    warn: bool = True,
 ) -> GWOTResult:
     """Solve the GWOT problem of the module docstring for a batch of feature-grid pairs, each pair on its own.
 
@@ -268,16 +271,18 @@ def gwot(
         init: starting plan ``[B, N, M]`` (default ``a b^T``); its potentials are not known, so the first
             Sinkhorn solve starts cold. With ``coarse_to_fine`` it replaces the coarse levels: the windows
             are centred on each row's mass in it.
+        warn: whether to warn about pairs that did not converge (``False`` for a caller that reports the
+            ``converged`` flags itself: no filter on the process-wide, thread-unsafe warnings state).
 
     The defaults (sharp plans at ``eps`` = 1% of the cost range, quadratic weights a tenth of the cost scale,
     mildly unbalanced marginals, warm-started 10 x 50 iterations) were chosen on warped photos with DAISY
     descriptors (``tests/stages/match/test_quality.py``), not yet swept on DINOv2 features.
 
-    Returns a :class:`GWOTResult` on the features' device, in their dtype (float32 for half precision),
-    with a dense plan (zero outside the windows); its step and iteration counts add up all levels, and
-    ``converged`` is the full-resolution level's. Settings ``w_s = 0`` and/or ``w_y = 0`` give the
-    ablations, both zero gives plain entropic OT. Warns (:class:`ConvergenceWarning`) when pairs did not
-    converge.
+    Returns a :class:`GWOTResult` on the features' device, in their dtype (float32 for half precision), with the
+    plan as solved (windowed by coarse-to-fine; ``.dense()`` is its ``[B, N, M]`` array); its step and iteration
+    counts add up all levels, and ``converged`` is the full-resolution level's. Settings ``w_s = 0`` and/or
+    ``w_y = 0`` give the ablations, both zero gives plain entropic OT. Warns
+    (:class:`ConvergenceWarning`, unless ``warn`` is false) when pairs did not converge.
 
     Mapping to POT (``rho = inf``, ``w_y = 0``, ``k_trg = k``, dense): with ``s = w_s * lambda`` the iterates
     equal those of ``ot.gromov.entropic_fused_gromov_wasserstein(M=Cf, C1=As, C2=At, p=a, q=b,
@@ -295,7 +300,7 @@ def gwot(
     )
     level = _solve(src_feats, trg_feats, src_valid, trg_valid, settings, init)
     unconverged = int((~level.converged).sum())
-    if unconverged:
+    if unconverged and warn:
         warnings.warn(
             f"GWOT: {unconverged} of {len(level.converged)} pair(s) did not converge in outer_iters={outer_iters} "
             f"steps (plan change > outer_tol={outer_tol}); raise outer_iters, or eps for smoother plans",
@@ -303,9 +308,10 @@ def gwot(
             stacklevel=2,
         )
     problem = level.problem
-    dense = level.plan if problem.layout is DENSE else problem.layout.dense(level.plan)
+    layout = problem.layout
+    windows = None if layout is DENSE else layout.without_scratch()
     return GWOTResult(
-        plan=dense,
+        plan=TransportPlan(level.plan, windows),
         objective=problem.objective(level.plan),
         marginal_error=problem.marginal_error(level.plan),
         outer_steps=level.outer_steps,

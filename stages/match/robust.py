@@ -36,6 +36,7 @@ from pipeline.errors import PipelineError
 from stages.match.grids import check_grids
 from stages.match.gwot import GWOTResult, gwot
 from stages.match.nn import nn_match
+from stages.match.plans import TransportPlan, stack_plans
 
 FLIP_MODES = ("off", "auto")
 SCALE_MODES = ("off", "auto")
@@ -52,11 +53,11 @@ MIN_ORDER_VOTES = 100  # fewer counted pairs of matches than this: the order vot
 class RobustResult:
     """A batch's flip- and scale-aware solution.
 
-    ``plan [B, N, M]`` in original source coordinates; ``solver``: the kept solve's :class:`GWOTResult`
-    per pair (its plan as solved, on the mirrored grid for mirrored pairs); ``mirrored [B]`` bool: the
-    orientation kept; ``objective [B]`` and ``objective_mirrored [B]``: the converged objectives of the two
-    solves (NaN for the mirrored one without ``flip``); ``scale [B]``: the estimated relative scale (NaN
-    without ``scale``); ``k_src``/``k_trg [B]``: the neighbourhoods used.
+    ``plan`` (a :class:`TransportPlan`, ``[B, N, M]``) in original source coordinates; ``solver``: the kept solve's
+    :class:`GWOTResult` per pair (its plan as solved, on the mirrored grid for mirrored pairs); ``mirrored [B]``
+    bool: the orientation kept; ``objective [B]`` and ``objective_mirrored [B]``: the converged objectives of the
+    two solves (NaN for the mirrored one without ``flip``); ``scale [B]``: the estimated relative scale (NaN without
+    ``scale``); ``k_src``/``k_trg [B]``: the neighbourhoods used.
     """
 
     plan: torch.Tensor
@@ -74,10 +75,9 @@ def mirror_grid(values: torch.Tensor) -> torch.Tensor:
     return values.flip(2)
 
 
-def unmirror_plan(plan: torch.Tensor, src_grid: tuple[int, int]) -> torch.Tensor:
-    """A plan ``[B, N, M]`` over the mirrored source grid, re-indexed to the original source grid."""
-    batch, _, m = plan.shape
-    return plan.reshape(batch, *src_grid, m).flip(2).reshape(batch, -1, m)
+def unmirror_plan(plan: TransportPlan, src_grid: tuple[int, int]) -> TransportPlan:
+    """Plans over the mirrored source grid, re-indexed to the original source grid."""
+    return plan.mirror_rows(src_grid)
 
 
 def _patch_coordinates(grid: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -208,7 +208,8 @@ def _solve_grouped(
             slots = parts.setdefault(name, [None] * batch)
             for position, index in enumerate(members):
                 slots[index] = value[position]
-    return GWOTResult(**{name: torch.stack(values) for name, values in parts.items()})
+    stacked = {name: torch.stack(values) for name, values in parts.items() if name != "plan"}
+    return GWOTResult(plan=stack_plans(parts["plan"]), **stacked)
 
 
 def _check_options(flip: str, scale: str, flip_margin: float, scale_rho: float) -> None:
@@ -292,12 +293,14 @@ def robust_gwot(
             src_feats, trg_feats, src_valid, trg_valid
         )
         mirrored = (gap > flip_margin) | ((gap > 0) & (order_gap >= ORDER_MARGIN))
-        plan = torch.where(mirrored[:, None, None], unmirror_plan(other.plan, src_grid), plain.plan)
+        plan = unmirror_plan(other.plan, src_grid).where(mirrored, plain.plan)
         solver = GWOTResult(
+            plan=other.plan.where(mirrored, plain.plan),
             **{
-                name: torch.where(mirrored.view(-1, *[1] * (value.ndim - 1)), getattr(other, name), value)
+                name: torch.where(mirrored, getattr(other, name), value)
                 for name, value in vars(plain).items()
-            }
+                if name != "plan"
+            },
         )
     device = src_feats.device
     return RobustResult(

@@ -21,7 +21,8 @@ from stages.matcher_params import GWOTParams, NNParams, Params, format_value, pa
 
 # Each method's implementation version, part of every setting's key: bump it with any change to the
 # method's solver or readout that alters numbers, so results of the older code are never taken as done.
-IMPLEMENTATION_VERSIONS = {"nn": 1, "gwot": 3}  # gwot 2: per-pair convergence, coarse-to-fine; 3: flip order vote
+IMPLEMENTATION_VERSIONS = {"nn": 1, "gwot": 4}  # gwot 2: per-pair convergence, coarse-to-fine; 3: flip order vote;
+# 4: block-shared window products (plans change at float rounding)
 
 __all__ = [
     "IMPLEMENTATION_VERSIONS",

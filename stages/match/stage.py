@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,7 +50,6 @@ from stages.evaluate.summary import summarize, summary_markdown
 from stages.evaluate.tss import score_direction
 from stages.features.canvas import CanvasTransform
 from stages.match import dense_flow, nn_match, transfer_keypoints
-from stages.match.gwot import ConvergenceWarning
 from stages.match.plan import (
     PAIRS_PER_BATCH,
     SPLIT,
@@ -66,6 +64,7 @@ from stages.match.plan import (
     run_subset,
 )
 from stages.match.plan import status as status  # the stage's status (registered from plan: no torch to import)
+from stages.match.plans import TransportPlan
 from stages.match.robust import robust_gwot
 from stages.match.settings import MatcherSetting, NNParams
 from stages.match.subsets import check_run_subset
@@ -75,10 +74,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Solution:
-    """A batch's scores ``[B, N, M]`` (NN similarities or GWOT plans in original source coordinates) and,
+    """A batch's scores ``[B, N, M]`` as a :class:`TransportPlan` (NN similarities stored in full, or GWOT's
+    plans in original source coordinates, windowed by coarse-to-fine; ``scores[b]`` is pair ``b``'s, as the
+    readout takes them) and,
     per pair, the matcher's own columns of the pairs table (:data:`ROBUST_COLUMNS`)."""
 
-    scores: torch.Tensor
+    scores: TransportPlan
     columns: list[dict[str, Any]]
 
 
@@ -103,17 +104,21 @@ def solve(
     needed by flip-aware settings): NN similarities or flip/scale-aware GWOT plans, with per-pair columns
     (:data:`ROBUST_COLUMNS` and the kept solve's convergence, :data:`SOLVER_COLUMNS`; null for NN).
 
-    GWOT's ConvergenceWarning is not raised here: whether each pair converged is a column, and the match
-    stage reports the count once per run.
+    GWOT does not warn here (``warn=False``: warning filters are not thread-safe, and Dask runs batches in
+    threads): whether each pair converged is a column, and the match stage reports the count once per run.
     """
     if isinstance(setting.params, NNParams):
-        scores = nn_match(src_feats, trg_feats, src_valid, trg_valid).similarity
+        scores = TransportPlan(nn_match(src_feats, trg_feats, src_valid, trg_valid).similarity)
         return Solution(scores, [dict.fromkeys(ROBUST_COLUMNS + SOLVER_COLUMNS) for _ in range(len(scores))])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        result = robust_gwot(
-            src_feats, trg_feats, src_valid, trg_valid, src_flipped=src_flipped, **setting.params.solver_kwargs()
-        )
+    result = robust_gwot(
+        src_feats,
+        trg_feats,
+        src_valid,
+        trg_valid,
+        src_flipped=src_flipped,
+        **setting.params.solver_kwargs(),
+        warn=False,
+    )
     per_pair = {
         "orientation": ["mirrored" if mirrored else "original" for mirrored in result.mirrored.tolist()],
         "objective_original": result.objective.tolist(),
@@ -152,7 +157,7 @@ def _batch_features(
 
 
 def _score_keypoints(
-    task: BatchTask, pair: dict[str, Any], scores: torch.Tensor, transforms: tuple[CanvasTransform, CanvasTransform]
+    task: BatchTask, pair: dict[str, Any], scores: TransportPlan, transforms: tuple[CanvasTransform, CanvasTransform]
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The pair's PCK columns and its keypoint rows."""
     src_kps = np.asarray(pair["src_kps"], dtype=np.float64).reshape(-1, 2)
@@ -196,7 +201,7 @@ def _score_keypoints(
 
 
 def _score_flow(
-    task: BatchTask, pair: dict[str, Any], scores: torch.Tensor, transforms: tuple[CanvasTransform, CanvasTransform]
+    task: BatchTask, pair: dict[str, Any], scores: TransportPlan, transforms: tuple[CanvasTransform, CanvasTransform]
 ) -> list[float] | None:
     """T1..T50 accuracies of the dense flow against the pair's ground truth (None without one); a TSS
     direction's flow is also written as ``flow<n>.flo`` in the kit's layout."""

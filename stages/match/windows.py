@@ -29,22 +29,38 @@ from stages.match.grids import cosine_similarity
 COST_CHUNK = 1 << 20  # dense similarities per chunk of source patches when computing a windowed feature cost
 
 
-def _box_sum_last2(images: torch.Tensor, k: int, grow: int) -> torch.Tensor:
+def _box_sum_last2(images: torch.Tensor, k: int, grow: int, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Sums over ``k x k`` boxes of the last two axes, zero outside, on the grid grown by ``grow`` on each
-    side: ``[..., H, W] -> [..., H + 2 grow, W + 2 grow]`` (shifted-slice sums: fast for small images)."""
+    side: ``[..., H, W] -> out [..., H + 2 grow, W + 2 grow]`` (shifted-slice sums: fast for small images;
+    ``rows [..., H + 2 grow, W]`` is scratch space). Returns ``out``."""
     half = k // 2
-    *lead, height, width = images.shape
-    rows = images.new_zeros(*lead, height + 2 * grow, width)
+    height, width = images.shape[-2:]
+    rows.zero_()
     for shift in range(-half, half + 1):  # output row r sums input rows r - grow + shift
         low, high = max(0, grow - shift), min(height + 2 * grow, height + grow - shift)
         if low < high:
             rows[..., low:high, :] += images[..., low - grow + shift : high - grow + shift, :]
-    out = images.new_zeros(*lead, height + 2 * grow, width + 2 * grow)
+    out.zero_()
     for shift in range(-half, half + 1):
         low, high = max(0, grow - shift), min(width + 2 * grow, width + grow - shift)
         if low < high:
             out[..., low:high] += rows[..., low - grow + shift : high - grow + shift]
     return out
+
+
+@dataclass(frozen=True)
+class _NeighbourReads:
+    """Scratch space and read positions of :meth:`Windows.neighbour_plan_sum`, fixed while the windows are.
+
+    The readers are the source patches, or with shared block windows the 2 x 2 blocks (``R = N / 4``),
+    which read the ``k_src + 1`` squared neighbours around the block once for all four children."""
+
+    padded: torch.Tensor  # [B, N, py, px] grown windows framed by zero margins (which stay zero)
+    box_rows: torch.Tensor  # [B, N, wy + 2 grow, wx] the box sum's row pass
+    row_starts: list[torch.Tensor]  # per neighbour offset (row-major), [B * R * wy] flat starts in ``padded``
+    total: torch.Tensor  # [B, N, K] the result
+    parts: list[torch.Tensor]  # [B, R, K] scratch: one offset's reads (1, or 6 with blocks)
+    blocks: bool
 
 
 @dataclass(frozen=True)
@@ -88,6 +104,10 @@ class Windows:
         """The windows of the pairs ``ids``."""
         return Windows(self.top[ids], self.left[ids], self.size, self.src_grid, self.trg_grid, self.index[ids])
 
+    def without_scratch(self) -> Windows:
+        """The same windows without the buffers the solver's operations keep between calls."""
+        return Windows(self.top, self.left, self.size, self.src_grid, self.trg_grid, self.index)
+
     # The operations Sinkhorn needs (the same names as stages.match.sinkhorn.DenseLayout).
     def trg(self, values: torch.Tensor) -> torch.Tensor:
         """Target values ``[B, M]`` at the plan's entries, ``[B, N, K]``."""
@@ -108,12 +128,41 @@ class Windows:
         return total.log_().add_(shift)
 
     def times_trg(self, kernel: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """``K v`` per pair, ``[B, N]``."""
-        return torch.linalg.vecdot(kernel, self.trg(values))
+        """``K v`` per pair, ``[B, N]`` (with shared block windows, ``v`` is gathered once per block)."""
+        blocks = self._shared_blocks()
+        if blocks is None:
+            return torch.linalg.vecdot(kernel, self.trg(values))
+        batch, n, k = kernel.shape
+        hb, wb = self.src_grid[0] // 2, self.src_grid[1] // 2
+        window_values = torch.gather(values, 1, blocks).view(batch, hb, 1, wb, 1, k)
+        return torch.linalg.vecdot(kernel.view(batch, hb, 2, wb, 2, k), window_values).view(batch, n)
 
     def times_src(self, kernel: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """``K^T u`` per pair, ``[B, M]``."""
-        return self.column_sum(kernel * values[:, :, None])
+        """``K^T u`` per pair, ``[B, M]`` (with shared block windows, summed per block before the scatter)."""
+        blocks = self._shared_blocks()
+        if blocks is None:
+            return self.column_sum(kernel * values[:, :, None])
+        batch, _, k = kernel.shape
+        hb, wb = self.src_grid[0] // 2, self.src_grid[1] // 2
+        kernel, values = kernel.view(batch, hb, 2, wb, 2, k), values.view(batch, hb, 2, wb, 2, 1)
+        rows = torch.mul(kernel[:, :, 0], values[:, :, 0]).addcmul_(kernel[:, :, 1], values[:, :, 1])
+        block_sums = rows[:, :, :, 0].add_(rows[:, :, :, 1])  # [B, hb, wb, K]
+        out = block_sums.new_zeros(batch, self.trg_patches)
+        return out.scatter_add_(1, blocks, block_sums.flatten(1))
+
+    def _shared_blocks(self) -> torch.Tensor | None:
+        """When every 2 x 2 block of source patches shares one window (as coarse-to-fine places them, on a
+        source grid of even sides), each block's window entries as flat target patches ``[B, Nb * K]``
+        (blocks row-major), so that products gather and scatter once per block; None otherwise."""
+        if "blocks" not in self._scratch:
+            (hs, ws), batch = self.src_grid, self.top.shape[0]
+            blocks = None
+            if hs % 2 == 0 and ws % 2 == 0:
+                corners = torch.stack([self.top, self.left]).view(2, batch, hs // 2, 2, ws // 2, 2)
+                if bool((corners == corners[:, :, :, :1, :, :1]).all()):
+                    blocks = self.index.view(batch, hs // 2, 2, ws // 2, 2, -1)[:, :, 0, :, 0].reshape(batch, -1)
+            self._scratch["blocks"] = blocks
+        return self._scratch["blocks"]
 
     def feature_cost(self, src_feats: torch.Tensor, trg_feats: torch.Tensor) -> torch.Tensor:
         """``1 - cos(f_i, f_j)`` at the plan's entries, ``[B, N, K]``, from features ``[B, H, W, C]``: dense
@@ -151,12 +200,12 @@ class Windows:
         return torch.gather(full, 2, self.index)
 
     # The quadratic terms.
-    def _neighbour_reads(self, k_src: int, k_trg: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Where ``neighbour_plan_sum`` reads, fixed while the windows are: a zeroed scratch buffer of padded
-        grown windows ``[B, N, py, px]`` (its margins stay zero between calls) and, per source neighbour
-        offset, where each row of ``i``'s window starts in the neighbour's padded frame, flat over the whole
-        buffer, ``[B * N * wy]`` (in a zero margin where the neighbour is off the grid or its window does
-        not overlap ``i``'s)."""
+    def _neighbour_reads(self, k_src: int, k_trg: int, dtype: torch.dtype) -> _NeighbourReads:
+        """Where ``neighbour_plan_sum`` reads, fixed while the windows are, and its buffers (made once:
+        fresh buffers are slow, the kernel zero-fills their pages): padded grown windows ``[B, N, py, px]``
+        and, per source neighbour offset, where each row of the reader's window starts in the neighbour's
+        padded frame, flat over the whole buffer, ``[B * R * wy]`` (in a zero margin where the neighbour is
+        off the grid or its window does not overlap the reader's)."""
         key = (k_src, k_trg, dtype)
         if key in self._scratch:
             return self._scratch[key]
@@ -165,36 +214,85 @@ class Windows:
         grow = k_trg // 2
         py, px = 3 * wy + 2 * grow, 3 * wx + 2 * grow
         device = self.top.device
-        patches = torch.arange(n, device=device)
-        rows, cols = torch.div(patches, ws, rounding_mode="floor"), patches % ws
+        step = 2 if self._shared_blocks() is not None else 1  # readers: patches, or blocks' first children
+        rows, cols = torch.meshgrid(
+            torch.arange(0, hs, step, device=device), torch.arange(0, ws, step, device=device), indexing="ij"
+        )
+        rows, cols = rows.flatten(), cols.flatten()
+        readers = rows * ws + cols
+        top, left = self.top[:, readers], self.left[:, readers]
         frames = torch.arange(batch, device=device)[:, None] * (n * py * px)  # each pair's part of the buffer
         window_rows = torch.arange(wy, device=device) * px
         row_starts, half = [], k_src // 2
-        for dy in range(-half, half + 1):
-            for dx in range(-half, half + 1):
+        offsets = range(-half, half + step)
+        for dy in offsets:
+            for dx in offsets:
                 inside = (rows + dy >= 0) & (rows + dy < hs) & (cols + dx >= 0) & (cols + dx < ws)
-                source = torch.where(inside, patches + dy * ws + dx, 0)
-                # i's window in the neighbour's padded frame: top_i - top_k + grow + wy, clamped to the zeros.
-                shift_y = (self.top - self.top[:, source] + grow + wy).clamp(0, py - wy)
-                shift_x = (self.left - self.left[:, source] + grow + wx).clamp(0, px - wx)
+                source = torch.where(inside, readers + dy * ws + dx, 0)
+                # The reader's window in the neighbour's padded frame: top_i - top_k + grow + wy, clamped to
+                # the zeros.
+                shift_y = (top - self.top[:, source] + grow + wy).clamp(0, py - wy)
+                shift_x = (left - self.left[:, source] + grow + wx).clamp(0, px - wx)
                 start = torch.where(inside, source * (py * px) + shift_y * px + shift_x, 0)  # 0: a margin
                 row_starts.append(((frames + start)[:, :, None] + window_rows).flatten())
-        buffer = torch.zeros(batch, n, py, px, dtype=dtype, device=device)
-        self._scratch[key] = buffer, row_starts
-        return buffer, row_starts
+        reads = _NeighbourReads(
+            padded=torch.zeros(batch, n, py, px, dtype=dtype, device=device),
+            box_rows=torch.empty(batch, n, wy + 2 * grow, wx, dtype=dtype, device=device),
+            row_starts=row_starts,
+            total=torch.empty(batch, n, wy * wx, dtype=dtype, device=device),
+            parts=[torch.empty(batch, len(readers), wy * wx, dtype=dtype, device=device) for _ in range(5 * step - 4)],
+            blocks=step == 2,
+        )
+        self._scratch[key] = reads
+        return reads
 
     def neighbour_plan_sum(self, plan: torch.Tensor, k_src: int, k_trg: int) -> torch.Tensor:
-        """``(As T At)_ij`` at the plan's entries, ``[B, N, K]`` (see the module docstring)."""
+        """``(As T At)_ij`` at the plan's entries, ``[B, N, K]`` (see the module docstring), in a buffer that
+        the next call overwrites."""
         batch, n, _ = plan.shape
         (wy, wx), grow = self.size, k_trg // 2
-        padded, row_starts = self._neighbour_reads(k_src, k_trg, plan.dtype)
+        reads = self._neighbour_reads(k_src, k_trg, plan.dtype)
         # T At on the windows grown by grow, framed by zero margins of a window's size.
-        padded[:, :, wy:-wy, wx:-wx] = _box_sum_last2(plan.view(batch, n, wy, wx), k_trg, grow)
-        strips = padded.view(-1).unfold(0, wx, 1)  # every run of wx buffer entries (a view): rows to copy whole
-        out = torch.zeros_like(plan)
-        for starts in row_starts:
-            out.add_(strips.index_select(0, starts).view_as(plan))
-        return out
+        inner = reads.padded[:, :, wy:-wy, wx:-wx]
+        _box_sum_last2(plan.view(batch, n, wy, wx), k_trg, grow, inner, reads.box_rows)
+        strips = reads.padded.view(-1).unfold(0, wx, 1)  # every run of wx buffer entries (a view): rows to copy
+
+        def read(offset: int, out: torch.Tensor) -> torch.Tensor:
+            return torch.index_select(strips, 0, reads.row_starts[offset], out=out.view(-1, wx)).view_as(out)
+
+        if not reads.blocks:
+            read(0, reads.total)
+            for offset in range(1, len(reads.row_starts)):
+                reads.total.add_(read(offset, reads.parts[0]))
+            return reads.total
+        return self._block_neighbour_sum(reads, read, k_src)
+
+    def _block_neighbour_sum(self, reads: _NeighbourReads, read, k_src: int) -> torch.Tensor:
+        """The neighbour sums of the four children of each 2 x 2 block from the block's ``(k_src + 1)^2``
+        reads ``R[r][c]``: child ``(a, b)`` sums rows ``a .. a + k_src - 1`` and columns ``b .. b + k_src - 1``
+        (a sum over the other child's columns or rows is the first's minus one end plus the other end)."""
+        batch, k = reads.total.shape[0], reads.total.shape[2]
+        hb, wb = self.src_grid[0] // 2, self.src_grid[1] // 2
+        children = reads.total.view(batch, hb, 2, wb, 2, k)
+        first, part, left, right, left_top, right_top = (p.view(batch, hb, wb, k) for p in reads.parts)
+        span = k_src + 1
+        for r in range(span):
+            read(r * span, first)
+            left.copy_(first)
+            for c in range(1, k_src):
+                left.add_(read(r * span + c, part))  # columns 0 .. k_src - 1
+            torch.sub(left, first, out=right).add_(read(r * span + k_src, part))  # columns 1 .. k_src
+            if r == 0:
+                children[:, :, 0, :, 0], children[:, :, 0, :, 1] = left, right
+                left_top.copy_(left)
+                right_top.copy_(right)
+            elif r < k_src:
+                children[:, :, 0, :, 0] += left
+                children[:, :, 0, :, 1] += right
+            else:  # rows 1 .. k_src
+                torch.sub(children[:, :, 0, :, 0], left_top, out=children[:, :, 1, :, 0]).add_(left)
+                torch.sub(children[:, :, 0, :, 1], right_top, out=children[:, :, 1, :, 1]).add_(right)
+        return reads.total
 
     def add_spatial_gradient(self, cost, plan, k_src: int, k_trg: int, weight: float) -> torch.Tensor:
         """``cost += weight * grad Q_s(T)`` in place at the plan's entries ``[B, N, K]``; returns ``cost``."""

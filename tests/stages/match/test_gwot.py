@@ -91,7 +91,7 @@ def test_balanced_spatial_solve_equals_pot_entropic_fgw(k, k_trg, w_s, custom_in
         stopThr=1e-15,
     )
     assert result.outer_steps.tolist() == [steps] and not result.converged.item()
-    np.testing.assert_allclose(result.plan[0].numpy(), expected, rtol=1e-8, atol=1e-14)
+    np.testing.assert_allclose(result.plan.dense()[0].numpy(), expected, rtol=1e-8, atol=1e-14)
 
 
 def test_without_quadratic_terms_one_step_is_unbalanced_entropic_ot():
@@ -119,7 +119,7 @@ def test_without_quadratic_terms_one_step_is_unbalanced_entropic_ot():
             numItermax=100_000,
             stopThr=1e-15,
         )
-    np.testing.assert_allclose(result.plan[0].numpy(), expected, rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(result.plan.dense()[0].numpy(), expected, rtol=1e-9, atol=1e-14)
     # The cost never changes, so the second step changes nothing and the pair has converged.
     assert result.outer_steps.tolist() == [2] and result.converged.item()
 
@@ -178,14 +178,14 @@ def test_a_pair_solved_alone_equals_it_solved_in_any_batch(options):
             src_feats[b : b + 1], trg_feats[b : b + 1], src_valid[b : b + 1], trg_valid[b : b + 1], **settings
         )
         for result, row in [(batch, b)] + ([(subset, reordered.index(b))] if b in reordered else []):
-            torch.testing.assert_close(result.plan[row], single.plan[0], rtol=1e-10, atol=1e-15)
+            torch.testing.assert_close(result.plan.dense()[row], single.plan.dense()[0], rtol=1e-10, atol=1e-15)
             for name in ("objective", "marginal_error"):
                 torch.testing.assert_close(getattr(result, name)[row], getattr(single, name)[0], rtol=1e-10, atol=1e-15)
             for name in ("outer_steps", "inner_iters", "converged"):
                 assert getattr(result, name)[row] == getattr(single, name)[0], name
-    assert torch.all(batch.plan[~src_valid.flatten(1)] == 0)
-    assert torch.all(batch.plan.transpose(1, 2)[~trg_valid.flatten(1)] == 0)
-    assert batch.plan.sum((1, 2)).min() > 0.5
+    assert torch.all(batch.plan.dense()[~src_valid.flatten(1)] == 0)
+    assert torch.all(batch.plan.dense().transpose(1, 2)[~trg_valid.flatten(1)] == 0)
+    assert batch.plan.dense().sum((1, 2)).min() > 0.5
 
 
 @pytest.mark.filterwarnings("error::stages.match.gwot.ConvergenceWarning")
@@ -198,6 +198,9 @@ def test_unconverged_pairs_are_reported_and_counted_in_one_warning():
     with pytest.warns(ConvergenceWarning, match=r"3 of 3 pair\(s\) did not converge in outer_iters=2 .*outer_tol"):
         cut_short = gwot(src_feats, trg_feats, outer_iters=2, outer_tol=1e-12)
     assert not cut_short.converged.any() and cut_short.outer_steps.tolist() == [2, 2, 2]
+    # warn=False (the match stage, which records the flags): the same result, and no warning (an error here).
+    quiet = gwot(src_feats, trg_feats, outer_iters=2, outer_tol=1e-12, warn=False)
+    torch.testing.assert_close(quiet.plan.dense(), cut_short.plan.dense(), rtol=0, atol=0)
 
 
 @pytest.mark.slow
@@ -205,18 +208,18 @@ def test_float32_matches_float64_and_small_eps_stays_finite():
     src_feats, trg_feats = smooth_features(2, 8, 8, seed=11), smooth_features(2, 7, 9, seed=12)
     double = gwot(src_feats, trg_feats, inner_iters=2000, inner_tol=1e-9, outer_tol=0.0)
     single = gwot(src_feats.float(), trg_feats.float(), inner_iters=2000, inner_tol=1e-6, outer_tol=0.0)
-    assert single.plan.dtype == torch.float32 and single.objective.dtype == torch.float32
-    assert (single.plan.double() - double.plan).abs().sum((1, 2)).max() < 1e-3
+    assert single.plan.dense().dtype == torch.float32 and single.objective.dtype == torch.float32
+    assert (single.plan.dense().double() - double.plan.dense()).abs().sum((1, 2)).max() < 1e-3
     sharp = gwot(src_feats.float(), trg_feats.float(), eps=1e-3, inner_iters=500)
-    assert torch.isfinite(sharp.plan).all() and torch.isfinite(sharp.objective).all()
-    assert sharp.plan.sum((1, 2)).min() > 0.5
+    assert torch.isfinite(sharp.plan.dense()).all() and torch.isfinite(sharp.objective).all()
+    assert sharp.plan.dense().sum((1, 2)).min() > 0.5
 
 
 def test_half_precision_features_give_a_float32_plan_and_inputs_are_not_modified():
     src_feats, trg_feats = smooth_features(1, 4, 4, seed=13).half(), smooth_features(1, 4, 4, seed=14).half()
     src_copy = src_feats.clone()
     result = gwot(src_feats, trg_feats, outer_iters=2)
-    assert result.plan.dtype == torch.float32 and result.plan.shape == (1, 16, 16)
+    assert result.plan.dense().dtype == torch.float32 and result.plan.dense().shape == (1, 16, 16)
     assert result.objective.shape == result.marginal_error.shape == result.outer_steps.shape == (1,)
     assert torch.equal(src_feats, src_copy)
 

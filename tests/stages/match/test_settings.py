@@ -43,6 +43,7 @@ def test_gwot_params_mirror_the_solver_signature():
     }
     keywords.pop("init")  # a warm start is per problem, not a setting
     keywords.pop("src_flipped")  # features, not a setting
+    keywords.pop("warn")  # the stage records convergence per pair and never warns
     params = GWOTParams()
     assert params.solver_kwargs() == keywords
     assert {f.name for f in dataclasses.fields(GWOTParams)} == {*keywords, "window"}
@@ -96,7 +97,7 @@ def test_keys_are_stable_and_change_with_every_ingredient(tmp_path):
     catalog = catalog_with(tmp_path)
     (default,) = resolve_settings(catalog, ["gwot"], [], "store-a")
     canonical = (
-        '{"backbone":"store-a","implementation":3,"method":"gwot","params":{"coarse_to_fine":true,"eps":0.02,'
+        '{"backbone":"store-a","implementation":4,"method":"gwot","params":{"coarse_to_fine":true,"eps":0.02,'
         '"flip":"off","flip_margin":0.02,"inner_iters":50,"inner_tol":0.0001,"k":5,"k_trg":null,"outer_iters":10,'
         '"outer_tol":0.001,"rho":1.0,"scale":"off","scale_rho":0.1,"w_s":0.1,"w_y":0.1,"window":3,'
         '"window_radius":4}}'

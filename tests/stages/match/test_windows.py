@@ -10,12 +10,13 @@ import torch
 from stages.match import coarse_to_fine as c2f
 from stages.match.costs import add_spatial_gradient, add_symmetry_gradient, spatial_term, symmetry_term
 from stages.match.gwot import gwot
-from stages.match.sinkhorn import sinkhorn_unbalanced
+from stages.match.sinkhorn import DENSE, sinkhorn_unbalanced
 from stages.match.windows import Windows
 from tests.stages.match.test_gwot import smooth_features
 
 pytestmark = pytest.mark.filterwarnings("ignore::stages.match.gwot.ConvergenceWarning")
 GRID_PAIRS = [((6, 7), (5, 8)), ((5, 5), (9, 4))]
+SHARED_GRIDS = ((6, 8), (9, 7))  # a source grid of even sides, for windows shared by 2 x 2 blocks
 
 
 def random_windows(src_grid, trg_grid, size, batch=2, seed=0) -> Windows:
@@ -33,6 +34,45 @@ def windowed_plan(windows: Windows, seed=1) -> tuple[torch.Tensor, torch.Tensor]
     entries = torch.rand(*windows.index.shape, dtype=torch.float64, generator=generator)
     entries /= entries.sum((1, 2), keepdim=True)
     return entries, windows.dense(entries)
+
+
+def shared_windows(windows: Windows) -> Windows:
+    """The windows with every 2 x 2 block of source patches on its top-left child's window, as coarse-to-fine
+    places them (source sides even)."""
+    batch, (hs, ws) = windows.top.shape[0], windows.src_grid
+    first = [
+        corner.view(batch, hs // 2, 2, ws // 2, 2)[:, :, :1, :, :1].expand(batch, hs // 2, 2, ws // 2, 2)
+        for corner in (windows.top, windows.left)
+    ]
+    return Windows.at(*(corner.reshape(batch, -1) for corner in first), windows.size, *SHARED_GRIDS)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_kernel_products_equal_the_dense_ones_with_and_without_block_shared_windows(shared):
+    windows = random_windows(*SHARED_GRIDS, (3, 4), batch=2, seed=3)
+    windows = shared_windows(windows) if shared else windows
+    assert (windows._shared_blocks() is not None) == shared
+    kernel, dense = windowed_plan(windows, seed=4)
+    generator = torch.Generator().manual_seed(5)
+    u, v = (
+        torch.rand(2, 48, dtype=torch.float64, generator=generator),
+        torch.rand(2, 63, dtype=torch.float64, generator=generator),
+    )
+    torch.testing.assert_close(windows.times_trg(kernel, v), DENSE.times_trg(dense, v), rtol=1e-12, atol=0)
+    torch.testing.assert_close(windows.times_src(kernel, u), DENSE.times_src(dense, u), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(("k", "k_trg"), [(3, 3), (5, 3), (1, 5), (7, 3)])
+@pytest.mark.parametrize("size", [(3, 3), (3, 4)])
+def test_block_shared_windows_give_the_dense_spatial_gradient_restricted_to_them(k, k_trg, size):
+    windows = shared_windows(random_windows(*SHARED_GRIDS, size, seed=6))
+    assert windows._shared_blocks() is not None
+    entries, dense = windowed_plan(windows, seed=7)
+    expected = add_spatial_gradient(torch.zeros_like(dense), dense, *SHARED_GRIDS, k, k_trg, 0.7)
+    got = windows.add_spatial_gradient(torch.zeros_like(entries), entries, k, k_trg, 0.7)
+    torch.testing.assert_close(got, windows.restrict(expected), rtol=1e-12, atol=1e-15)
+    spatial = spatial_term(dense, *SHARED_GRIDS, k, k_trg).value
+    torch.testing.assert_close(windows.spatial_value(entries, k, k_trg), spatial, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize(("k", "k_trg"), [(3, 3), (5, 3), (3, 5), (1, 5)])
@@ -77,11 +117,11 @@ def test_windows_covering_the_whole_grid_give_the_dense_solve(options):
     src_feats, trg_feats = smooth_features(2, 6, 7, seed=1), smooth_features(2, 5, 8, seed=2)
     trg_valid = torch.ones(2, 5, 8, dtype=torch.bool)
     trg_valid[1, :, 0] = False
-    start = gwot(src_feats, trg_feats, None, trg_valid, outer_iters=1, coarse_to_fine=False).plan
+    start = gwot(src_feats, trg_feats, None, trg_valid, outer_iters=1, coarse_to_fine=False).plan.dense()
     settings = dict(outer_iters=4, inner_iters=200, init=start, **options)
     dense = gwot(src_feats, trg_feats, None, trg_valid, coarse_to_fine=False, **settings)
     windowed = gwot(src_feats, trg_feats, None, trg_valid, coarse_to_fine=True, window_radius=10, **settings)
-    torch.testing.assert_close(windowed.plan, dense.plan, rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(windowed.plan.dense(), dense.plan.dense(), rtol=1e-9, atol=1e-14)
     for name in ("objective", "marginal_error"):
         torch.testing.assert_close(getattr(windowed, name), getattr(dense, name), rtol=1e-9, atol=1e-14)
     assert torch.equal(windowed.inner_iters, dense.inner_iters)
@@ -98,13 +138,13 @@ def test_coarse_to_fine_pairs_are_batch_independent_and_respect_invalid_patches_
     for b in range(3):
         one = slice(b, b + 1)
         alone = gwot(src_feats[one], trg_feats[one], src_valid[one], trg_valid[one], **settings)
-        torch.testing.assert_close(batch.plan[one], alone.plan, rtol=1e-10, atol=1e-15)
+        torch.testing.assert_close(batch.plan.dense()[one], alone.plan.dense(), rtol=1e-10, atol=1e-15)
         assert torch.equal(batch.inner_iters[one], alone.inner_iters)
-    assert torch.all(batch.plan[~src_valid.flatten(1)] == 0)
-    assert torch.all(batch.plan.transpose(1, 2)[~trg_valid.flatten(1)] == 0)
+    assert torch.all(batch.plan.dense()[~src_valid.flatten(1)] == 0)
+    assert torch.all(batch.plan.dense().transpose(1, 2)[~trg_valid.flatten(1)] == 0)
     # Each row carries mass only inside one 5 x 5 window, and the plans keep most of their mass.
-    assert int((batch.plan > 0).sum(2).max()) <= 25
-    assert batch.plan.sum((1, 2)).min() > 0.5
+    assert int((batch.plan.dense() > 0).sum(2).max()) <= 25
+    assert batch.plan.dense().sum((1, 2)).min() > 0.5
 
 
 def test_pooling_averages_valid_children_only():
