@@ -74,21 +74,9 @@ class TransportPlan:
         or both windowed with windows of one size)."""
         if (self.windows is None) != (other.windows is None) or self.values.shape != other.values.shape:
             raise ValueError(f"cannot mix plans stored as {self.values.shape} and {other.values.shape}")
-        values = torch.where(mask[:, None, None], self.values, other.values)
-        if self.windows is None:
-            return TransportPlan(values)
-        mine, theirs = self.windows, other.windows
-        return TransportPlan(
-            values,
-            Windows(
-                torch.where(mask[:, None], mine.top, theirs.top),
-                torch.where(mask[:, None], mine.left, theirs.left),
-                mine.size,
-                mine.src_grid,
-                mine.trg_grid,
-                torch.where(mask[:, None, None], mine.index, theirs.index),
-            ),
-        )
+        batch = len(self)
+        picks = torch.arange(batch, device=self.values.device) + batch * (~mask).long().to(self.values.device)
+        return stack_plans([self, other]).pairs(picks)
 
     def mirror_rows(self, src_grid: tuple[int, int]) -> TransportPlan:
         """The plans with the source grid ``(Hs, Ws)`` mirrored left-right (source patch ``(r, c)`` becomes

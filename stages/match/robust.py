@@ -60,7 +60,7 @@ class RobustResult:
     ``scale``); ``k_src``/``k_trg [B]``: the neighbourhoods used.
     """
 
-    plan: torch.Tensor
+    plan: TransportPlan
     solver: GWOTResult
     mirrored: torch.Tensor
     objective: torch.Tensor
@@ -289,10 +289,15 @@ def robust_gwot(
         other = _solve_grouped(mirrored_feats, trg_feats, mirrored_valid, trg_valid, *solve)
         objective_mirrored = other.objective
         gap = plain.objective - other.objective
-        order_gap = order_agreement(mirrored_feats, trg_feats, mirrored_valid, trg_valid) - order_agreement(
-            src_feats, trg_feats, src_valid, trg_valid
-        )
-        mirrored = (gap > flip_margin) | ((gap > 0) & (order_gap >= ORDER_MARGIN))
+        mirrored = gap > flip_margin
+        undecided = ((gap > 0) & ~mirrored).nonzero().flatten()  # only these need the order vote's confirmation
+        if len(undecided):
+            pick = (mirrored_feats, trg_feats, mirrored_valid, trg_valid, src_feats, src_valid)
+            m_feats, t_feats, m_valid, t_valid, s_feats, s_valid = (tensor[undecided] for tensor in pick)
+            order_gap = order_agreement(m_feats, t_feats, m_valid, t_valid) - order_agreement(
+                s_feats, t_feats, s_valid, t_valid
+            )
+            mirrored[undecided] = order_gap >= ORDER_MARGIN
         plan = unmirror_plan(other.plan, src_grid).where(mirrored, plain.plan)
         solver = GWOTResult(
             plan=other.plan.where(mirrored, plain.plan),
