@@ -244,20 +244,24 @@ def read_part(path: str | Path, table: str) -> pa.Table | None:
         return None
 
 
-def batch_intact(run_folder: str | Path, dataset: str, matcher: str, setting: str, batch: int, n_pairs: int) -> bool:
-    """Whether both parts of a committed batch read back, its pairs part with ``n_pairs`` rows; a missing
-    or damaged part is reported, so the batch is recomputed."""
+def read_batch(
+    run_folder: str | Path, dataset: str, matcher: str, setting: str, batch: int, n_pairs: int
+) -> dict[str, pa.Table] | None:
+    """Both parts of a committed batch, read whole (by table name), or None when one is missing, damaged or
+    its pairs part lacks some of the ``n_pairs`` rows: reported, so the batch is recomputed."""
+    parts = {}
     for table in TABLES:
         path = part_path(run_folder, table, dataset, matcher, setting, batch)
         part = read_part(path, table)
         if part is None and not path.exists():
             report_damage(path, "the committed part is missing", "recomputes its batch")
         if part is None:
-            return False
+            return None
         if table == "pairs" and part.num_rows != n_pairs:
             report_damage(path, f"the part holds {part.num_rows} pairs, not {n_pairs}", "recomputes its batch")
-            return False
-    return True
+            return None
+        parts[table] = part
+    return parts
 
 
 def write_summary(run_folder: str | Path, summary: pd.DataFrame, markdown: str) -> None:

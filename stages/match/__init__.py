@@ -13,7 +13,7 @@ _EXPORTS = {
     "GWOTResult": "stages.match.gwot",
     "NNResult": "stages.match.nn",
     "SinkhornResult": "stages.match.sinkhorn",
-    "TransportPlan": "stages.match.plans",
+    "TransportPlan": "stages.match.transport_plan",
     "dense_flow": "stages.match.readout",
     "nn_match": "stages.match.nn",
     "sinkhorn_unbalanced": "stages.match.sinkhorn",

@@ -55,8 +55,8 @@ from pipeline.errors import PipelineError
 from stages.match import coarse_to_fine as c2f
 from stages.match.costs import Grid, add_spatial_gradient, add_symmetry_gradient, spatial_term, symmetry_term
 from stages.match.grids import check_grids, cosine_similarity
-from stages.match.plans import TransportPlan
 from stages.match.sinkhorn import DENSE, DenseLayout, sinkhorn_unbalanced
+from stages.match.transport_plan import TransportPlan
 from stages.match.windows import Windows
 
 

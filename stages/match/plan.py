@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline import damage, results
 from pipeline.cache import Ledger, atomic_path
@@ -27,6 +27,9 @@ from pipeline.features_store import FeatureStore, FeatureStoreError
 from stages.datasets import normalize as normalize_stage
 from stages.match.settings import MatcherSetting, resolve_settings
 from stages.match.subsets import Subset, select_pairs
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +81,11 @@ class BatchTask:
         flows = results.flows_dir(folder, self.dataset, label, self.setting.key)
         return [flows / p["group"] / f"flow{p['direction'][0]}.flo" for p in self.pairs if p["direction"] is not None]
 
-    def intact_in(self, run_folder: str | Path, matcher: str | None = None) -> bool:
-        """Whether both of the batch's parts in ``run_folder`` (under label ``matcher``) read back whole, with
-        all its pairs."""
+    def read_parts(self, run_folder: str | Path, matcher: str | None = None) -> dict[str, pa.Table] | None:
+        """The batch's parts in ``run_folder`` (under label ``matcher``), by table, when both read back whole
+        with all its pairs; else None (see :func:`pipeline.results.read_batch`)."""
         label, key = matcher or self.matcher, self.setting.key
-        return results.batch_intact(run_folder, self.dataset, label, key, self.batch, len(self.pairs))
+        return results.read_batch(run_folder, self.dataset, label, key, self.batch, len(self.pairs))
 
 
 def ledger_unit(dataset: str, setting_key: str, batch: int) -> str:
@@ -100,15 +103,16 @@ def ledger_record(task: BatchTask) -> dict[str, Any]:
     return {"pair_ids": task.pair_ids, "alphas": list(task.alphas)}
 
 
+def is_recorded(ledger: Ledger, task: BatchTask) -> bool:
+    """Whether ``ledger`` records the task's unit as done for its pairs and alphas."""
+    record = ledger.record(task.unit)
+    return record is not None and all(record.get(name) == value for name, value in ledger_record(task).items())
+
+
 def is_done(ledger: Ledger, task: BatchTask, run_folder: str | Path | None = None, matcher: str | None = None) -> bool:
     """Whether the unit is recorded for the task's pairs and alphas and its parts read back whole (in the
     task's run, or in the run ``run_folder`` that ``ledger`` belongs to, under label ``matcher``)."""
-    record = ledger.record(task.unit)
-    return (
-        record is not None
-        and all(record.get(name) == value for name, value in ledger_record(task).items())
-        and task.intact_in(run_folder or task.run_folder, matcher)
-    )
+    return is_recorded(ledger, task) and task.read_parts(run_folder or task.run_folder, matcher) is not None
 
 
 @dataclass(frozen=True)
@@ -278,11 +282,14 @@ def _finished_elsewhere(task: BatchTask, run_folder: Path) -> str | None:
     written for the same catalog matcher and backbone, its TSS flows present. Only looked at: damage found
     there is neither reported nor set aside (that run repairs it when it runs)."""
     same = {"matcher_name": task.setting.name, "backbone": task.backbone, "random_weights": task.random_weights}
+    if not is_recorded(run_ledger(run_folder), task):
+        return None
     for label in results.setting_labels(run_folder, task.dataset, task.setting.key):
         with damage.collecting(repair=False):
-            part = results.read_part(task.part_path("pairs", run_folder, label), "pairs")
-            if part is None or not is_done(run_ledger(run_folder), task, run_folder, label):
-                continue
+            parts = task.read_parts(run_folder, label)
+        if parts is None:
+            continue
+        part = parts["pairs"]
         labelled = all(set(part[name].to_pylist()) == {value} for name, value in same.items())
         if labelled and all(path.is_file() for path in task.flow_paths(run_folder, label)):
             return label

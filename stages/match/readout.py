@@ -5,7 +5,7 @@ Scores are ``[N, M]`` over a source and a target patch grid laid on square canva
 mode on the target grid and refining it with a soft-argmax over a ``window x window`` patch neighbourhood
 of the mode: weights ``softmax(scores / temperature)`` for similarities, or the (non-negative) scores
 themselves for transport plans (``temperature=None``). Points are the weighted mean of the target patch
-centres, mapped back to original target pixels. A windowed :class:`stages.match.plans.TransportPlan` is read
+centres, mapped back to original target pixels. A windowed :class:`stages.match.transport_plan.TransportPlan` is read
 on its windows (O(N K) memory), with the same result as its dense array.
 """
 
@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from pipeline.errors import PipelineError
 from stages.features.canvas import CanvasTransform
-from stages.match.plans import TransportPlan
+from stages.match.transport_plan import TransportPlan
 
 
 def _as_plan(scores: torch.Tensor | TransportPlan) -> TransportPlan:

@@ -36,7 +36,7 @@ from pipeline.errors import PipelineError
 from stages.match.grids import check_grids
 from stages.match.gwot import GWOTResult, gwot
 from stages.match.nn import nn_match
-from stages.match.plans import TransportPlan, stack_plans
+from stages.match.transport_plan import TransportPlan, stack_plans
 
 FLIP_MODES = ("off", "auto")
 SCALE_MODES = ("off", "auto")
@@ -73,11 +73,6 @@ class RobustResult:
 def mirror_grid(values: torch.Tensor) -> torch.Tensor:
     """Mirror grids ``[B, H, W, ...]`` left-right (column ``j`` becomes ``W - 1 - j``)."""
     return values.flip(2)
-
-
-def unmirror_plan(plan: TransportPlan, src_grid: tuple[int, int]) -> TransportPlan:
-    """Plans over the mirrored source grid, re-indexed to the original source grid."""
-    return plan.mirror_rows(src_grid)
 
 
 def _patch_coordinates(grid: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -298,7 +293,7 @@ def robust_gwot(
                 s_feats, t_feats, s_valid, t_valid
             )
             mirrored[undecided] = order_gap >= ORDER_MARGIN
-        plan = unmirror_plan(other.plan, src_grid).where(mirrored, plain.plan)
+        plan = other.plan.mirror_rows(src_grid).where(mirrored, plain.plan)
         solver = GWOTResult(
             plan=other.plan.where(mirrored, plain.plan),
             **{

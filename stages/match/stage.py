@@ -64,10 +64,10 @@ from stages.match.plan import (
     run_subset,
 )
 from stages.match.plan import status as status  # the stage's status (registered from plan: no torch to import)
-from stages.match.plans import TransportPlan
 from stages.match.robust import robust_gwot
 from stages.match.settings import MatcherSetting, NNParams
 from stages.match.subsets import check_run_subset
+from stages.match.transport_plan import TransportPlan
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ from stages.match.robust import (
     neighbourhoods,
     order_agreement,
     robust_gwot,
-    unmirror_plan,
 )
 
 FAST = {"outer_iters": 5, "inner_iters": 30}
@@ -44,7 +43,7 @@ def test_mirrored_solve_is_the_plain_solve_of_the_mirrored_grid_mapped_back():
     result = robust_gwot(src, trg, src_valid, None, src_flipped=flipped, flip="auto", **FAST)
     assert result.mirrored.tolist() == [True]
     direct = gwot(mirror_grid(flipped), trg, mirror_grid(src_valid), None, **FAST)
-    torch.testing.assert_close(result.plan.dense(), unmirror_plan(direct.plan, (6, 7)).dense(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(result.plan.dense(), direct.plan.mirror_rows((6, 7)).dense(), rtol=0, atol=1e-7)
     assert result.objective_mirrored.item() == pytest.approx(direct.objective.item())
     assert (
         result.plan.dense().reshape(6, 7, -1)[:, 0].sum() == 0
@@ -53,9 +52,9 @@ def test_mirrored_solve_is_the_plain_solve_of_the_mirrored_grid_mapped_back():
     assert result.objective.item() == pytest.approx(plain.objective.item())
 
 
-def test_unmirror_plan_moves_column_j_to_w_minus_1_minus_j():
+def test_mirror_rows_moves_column_j_to_w_minus_1_minus_j():
     plan = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 6, 4)  # source grid 2 x 3, M = 4
-    mapped = unmirror_plan(TransportPlan(plan), (2, 3)).dense().reshape(2, 3, 4)
+    mapped = TransportPlan(plan).mirror_rows((2, 3)).dense().reshape(2, 3, 4)
     assert torch.equal(mapped[1, 0], plan.reshape(2, 3, 4)[1, 2])
 
 

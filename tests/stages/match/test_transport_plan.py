@@ -8,9 +8,8 @@ import torch
 
 from stages.features.canvas import CanvasTransform
 from stages.match.gwot import gwot
-from stages.match.plans import TransportPlan, stack_plans
 from stages.match.readout import dense_flow, transfer_keypoints
-from stages.match.robust import unmirror_plan
+from stages.match.transport_plan import TransportPlan, stack_plans
 from tests.stages.match.test_gwot import smooth_features
 from tests.stages.match.test_windows import random_windows, windowed_plan
 
@@ -59,7 +58,7 @@ def test_mirroring_selecting_and_stacking_windowed_plans_match_their_dense_array
     first, second = (random_windows(grid, (6, 7), (3, 3), batch=3, seed=seed) for seed in (0, 1))
     plans = [TransportPlan(windowed_plan(windows, seed)[0], windows) for seed, windows in enumerate((first, second))]
     dense = [plan.dense() for plan in plans]
-    mirrored = unmirror_plan(plans[0], grid).dense()
+    mirrored = plans[0].mirror_rows(grid).dense()
     torch.testing.assert_close(mirrored, dense[0].reshape(3, *grid, 42).flip(2).reshape(3, 20, 42), rtol=0, atol=0)
     mask = torch.tensor([True, False, True])
     torch.testing.assert_close(plans[0].where(mask, plans[1]).dense(), torch.where(mask[:, None, None], *dense))
