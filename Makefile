@@ -23,10 +23,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/matcher.py
-	$(BIN)/python benchmarks/features.py
-	$(BIN)/python benchmarks/match_stage.py
-	$(BIN)/python benchmarks/cli_latency.py
+	$(BIN)/python -m benchmarks.matcher
+	$(BIN)/python -m benchmarks.features
+	$(BIN)/python -m benchmarks.match_stage
+	$(BIN)/python -m benchmarks.cli_latency
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline stages tests benchmarks

@@ -37,10 +37,11 @@ def smooth_warp(image: np.ndarray, seed: int):
     return warped, warped_to_original
 
 
-def daisy_grid(image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, CanvasTransform]:
-    """The project's DAISY backbone on the image's canvas: ``[1, G, G, C]`` tokens, valid patches, transform."""
-    canvas_transform = CanvasTransform.fit(image.shape[1], image.shape[0], DAISY.image_size, DAISY.patch_size)
-    tokens = DAISY(image_to_canvas(image, canvas_transform)[None])
+def daisy_grid(image: np.ndarray, backbone=DAISY) -> tuple[torch.Tensor, torch.Tensor, CanvasTransform]:
+    """A DAISY backbone (the project's, ``GRID x GRID`` by default) on the image's canvas: ``[1, G, G, C]``
+    tokens, valid patches, transform."""
+    canvas_transform = CanvasTransform.fit(image.shape[1], image.shape[0], backbone.image_size, backbone.patch_size)
+    tokens = backbone(image_to_canvas(image, canvas_transform)[None])
     return tokens, torch.from_numpy(canvas_transform.valid_patches())[None], canvas_transform
 
 
