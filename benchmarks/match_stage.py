@@ -33,9 +33,10 @@ from stages.match.gwot import gwot
 
 def prepare(folder: Path, args: argparse.Namespace) -> Path:
     """A catalog in ``folder`` whose demo dataset is downloaded, normalised and has DAISY features."""
+    demo = {"n_pairs": args.pairs, "max_side": args.max_side, "n_keypoints": 8}  # small photos have few textured points
     body = {
         "stores": {"data_root": "data", "cache_root": "cache", "outputs": "outputs"},
-        "datasets": {"demo": {"kind": "demo", "options": {"n_pairs": args.pairs, "max_side": args.max_side}}},
+        "datasets": {"demo": {"kind": "demo", "options": demo}},
         "backbones": {"daisy": {"model": "daisy", "weights": "none", "image_size": args.image_size}},
         "default_backbone": "daisy",
         "matchers": {"nn": {"method": "nn"}, "gwot": {"method": "gwot"}},
