@@ -134,15 +134,18 @@ def match_pair_command(
     out: Path | None,
 ) -> None:
     """Match your own image pair SRC -> TRG; write one picture per matcher and a JSON of the points."""
-    from stages.features.stage import resolve_backbone  # imports torch and timm: only when needed
-    from stages.match_pair import DEFAULT_MATCHERS, match_pair, parse_points
+    from stages.features.stage import check_backbone, resolve_backbone
 
     catalog = load_catalog(ctx.obj["catalog_path"])
     check_matchers(catalog)
+    spec = resolve_backbone(catalog, backbone)
+    check_backbone(spec)  # weights that cannot be loaded: one line, before torch and timm are imported
+    from stages.match_pair import DEFAULT_MATCHERS, match_pair, parse_points
+
     result = match_pair(
         src,
         trg,
-        backbone=resolve_backbone(catalog, backbone),
+        backbone=spec,
         matchers=[catalog.matcher(name) for name in matchers or DEFAULT_MATCHERS],
         points=parse_points(points),
         out_dir=out or Path(catalog.stores.outputs) / "match-pair",

@@ -1,4 +1,5 @@
-"""The features stage offline with hub weights: one line with the fix, found on the driver before any cluster."""
+"""The features stage and ``match-pair`` offline with hub weights: one line with the fix, found before any cluster
+starts or any model is built."""
 
 from __future__ import annotations
 
@@ -67,3 +68,23 @@ def test_offline_mode_fails_with_that_line_alone(stores):
     result = features_run({**stores, "HF_HUB_OFFLINE": "1"}, "-q")
     assert result.returncode == 1
     assert re.fullmatch(THE_FIX, result.stderr.strip()) and "HF_HUB_OFFLINE is set" in result.stderr
+
+
+@pytest.mark.slow
+def test_match_pair_offline_fails_with_that_line_before_importing_torch(stores, tmp_path):
+    """The check runs before torch and timm are imported: the command answers in about a second."""
+    command = "\n".join(
+        [
+            "import sys",
+            "from pipeline.cli import main",
+            "try:",
+            f"    sys.argv = ['pipeline', '--catalog', {str(CATALOG)!r}, 'match-pair', 'a.png', 'b.png']",
+            "    main()",
+            "except SystemExit as done:",
+            "    print('torch' in sys.modules, 'timm' in sys.modules, done.code)",
+        ]
+    )
+    environ = {**os.environ, "PYTHONPATH": str(REPO), **stores, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, cwd=tmp_path, env=environ)
+    assert re.fullmatch(THE_FIX, result.stderr.strip()) and "HF_HUB_OFFLINE is set" in result.stderr, result.stderr
+    assert result.stdout.split() == ["False", "False", "1"]
