@@ -182,10 +182,9 @@ def warped_photo_pck(grid: int, warps: int) -> dict[str, float]:
     sys.path.insert(0, str(REPO / "tests" / "stages" / "match"))
     import test_quality as quality
 
-    from stages.features.backbones import create_backbone
     from stages.match import transfer_keypoints
 
-    daisy = create_backbone("daisy", weights="none", image_size=grid * 14, layer="prenorm", flip=False)
+    daisy = quality.daisy_backbone(grid)
     hits, total = {"nn": 0, "dense": 0, "c2f": 0}, 0
     photos = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry")
     seeded = [(name, photo + len(photos) * warp) for warp in range(warps) for photo, name in enumerate(photos)]

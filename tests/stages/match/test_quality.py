@@ -7,13 +7,20 @@ import numpy as np
 import torch
 from skimage import data, transform
 
-from stages.features.backbones import create_backbone
+from stages.features.backbones import Backbone, create_backbone
 from stages.features.canvas import CanvasTransform, image_to_canvas
 from stages.match import nn_match, transfer_keypoints
 from stages.match.gwot import gwot
 
 GRID = 22
-DAISY = create_backbone("daisy", weights="none", image_size=GRID * 14, layer="prenorm", flip=False)
+
+
+def daisy_backbone(grid: int) -> Backbone:
+    """The project's DAISY backbone on a ``grid x grid`` patch canvas."""
+    return create_backbone("daisy", weights="none", image_size=grid * 14, layer="prenorm", flip=False)
+
+
+DAISY = daisy_backbone(GRID)
 
 
 def smooth_warp(image: np.ndarray, seed: int):
@@ -37,9 +44,9 @@ def smooth_warp(image: np.ndarray, seed: int):
     return warped, warped_to_original
 
 
-def daisy_grid(image: np.ndarray, backbone=DAISY) -> tuple[torch.Tensor, torch.Tensor, CanvasTransform]:
-    """A DAISY backbone (the project's, ``GRID x GRID`` by default) on the image's canvas: ``[1, G, G, C]``
-    tokens, valid patches, transform."""
+def daisy_grid(image: np.ndarray, backbone: Backbone = DAISY) -> tuple[torch.Tensor, torch.Tensor, CanvasTransform]:
+    """A DAISY backbone (``GRID x GRID`` by default) on the image's canvas: ``[1, G, G, C]`` tokens, valid
+    patches, transform."""
     canvas_transform = CanvasTransform.fit(image.shape[1], image.shape[0], backbone.image_size, backbone.patch_size)
     tokens = backbone(image_to_canvas(image, canvas_transform)[None])
     return tokens, torch.from_numpy(canvas_transform.valid_patches())[None], canvas_transform
